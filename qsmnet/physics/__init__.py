@@ -1,0 +1,51 @@
+"""Physics core: units, geometry, k-space kernels, finite differences and the forward model.
+
+Everything here is pure torch, device-agnostic, differentiable where that makes sense and
+batched over leading dimensions: a volume is ``(..., X, Y, Z)`` indexed as nibabel returns it.
+"""
+
+from qsmnet.physics.forward import DipoleConvolution, forward_field, pad_amount
+from qsmnet.physics.geometry import (
+    affine_from_b0_dir,
+    b0_dir_from_affine,
+    normalize_b0_dir,
+    rotation_between,
+)
+from qsmnet.physics.kernels import (
+    dipole_kernel,
+    kspace_grid,
+    laplacian_eigenvalues,
+    smv_kernel,
+    sphere_mask,
+)
+from qsmnet.physics.operators import divergence, gradient, laplacian
+from qsmnet.physics.units import (
+    GAMMA_BAR_MHZ_PER_T,
+    hz_to_ppm,
+    phase_to_ppm,
+    ppm_to_hz,
+    ppm_to_phase,
+)
+
+__all__ = [
+    "GAMMA_BAR_MHZ_PER_T",
+    "DipoleConvolution",
+    "affine_from_b0_dir",
+    "b0_dir_from_affine",
+    "dipole_kernel",
+    "divergence",
+    "forward_field",
+    "gradient",
+    "hz_to_ppm",
+    "kspace_grid",
+    "laplacian",
+    "laplacian_eigenvalues",
+    "normalize_b0_dir",
+    "pad_amount",
+    "phase_to_ppm",
+    "ppm_to_hz",
+    "ppm_to_phase",
+    "rotation_between",
+    "smv_kernel",
+    "sphere_mask",
+]

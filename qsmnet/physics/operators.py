@@ -1,0 +1,51 @@
+"""Finite-difference operators scaled by voxel size, mutually consistent.
+
+``gradient`` uses periodic forward differences, ``divergence`` periodic backward differences,
+so that ``divergence = -gradient^T`` exactly and ``laplacian = divergence(gradient(.))`` is the
+7-point stencil whose spectrum is :func:`qsmnet.physics.kernels.laplacian_eigenvalues`.
+Periodic boundaries match the FFT-based solvers (closed-form L2, TV-ADMM) that use those spectra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_DIMS = (-3, -2, -1)
+
+
+def gradient(x: torch.Tensor, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Forward-difference gradient.
+
+    Parameters
+    ----------
+    x : (..., X, Y, Z) tensor
+    voxel_size : (3,) voxel size in mm.
+
+    Returns
+    -------
+    (..., 3, X, Y, Z) tensor, units of x per mm.
+    """
+    return torch.stack(
+        [(torch.roll(x, -1, dims=d) - x) / float(h) for d, h in zip(_DIMS, voxel_size)], dim=-4)
+
+
+def divergence(g: torch.Tensor, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Backward-difference divergence of ``g`` (..., 3, X, Y, Z); the negative adjoint of
+    :func:`gradient`."""
+    out = None
+    for i, (d, h) in enumerate(zip(_DIMS, voxel_size)):
+        gi = g[..., i, :, :, :]
+        term = (gi - torch.roll(gi, 1, dims=d)) / float(h)
+        out = term if out is None else out + term
+    return out
+
+
+def laplacian(x: torch.Tensor, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Periodic 7-point Laplacian with ``1/voxel_size^2`` weights, (..., X, Y, Z)."""
+    out = None
+    for d, h in zip(_DIMS, voxel_size):
+        term = (torch.roll(x, -1, dims=d) - 2.0 * x + torch.roll(x, 1, dims=d)) / float(h) ** 2
+        out = term if out is None else out + term
+    return out
