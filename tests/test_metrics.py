@@ -1,0 +1,58 @@
+"""Metric wrappers: known answers for offsets, scalings and erosion."""
+
+import numpy as np
+import pytest
+
+from qsmnet.metrics import score
+from qsmnet.metrics.qsm import eroded_mask, score_table
+
+
+@pytest.fixture()
+def truth_and_mask():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(0, 0.05, (24, 24, 24))
+    mask = np.zeros(truth.shape, np.uint8)
+    mask[4:20, 4:20, 4:20] = 1
+    return truth, mask
+
+
+def test_constant_offset_is_free_and_scaling_is_detrended(truth_and_mask):
+    truth, mask = truth_and_mask
+    s = score(truth + 0.3, truth, mask)["mask"]
+    assert s["nrmse"] == pytest.approx(0.0, abs=1e-9) and s["correlation"] == pytest.approx(1.0)
+    s2 = score(2.0 * truth, truth, mask)["mask"]
+    # Demeaned NRMSE of 2x is ||x - xbar|| / ||x - xbar|| = 100 %; detrending removes the slope.
+    assert s2["nrmse"] == pytest.approx(100.0, rel=1e-6)
+    assert s2["nrmse_detrend"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_nrmse_matches_direct_formula(truth_and_mask):
+    truth, mask = truth_and_mask
+    rng = np.random.default_rng(1)
+    pred = truth + rng.normal(0, 0.02, truth.shape)
+    m = mask > 0
+    a, b = pred[m] - pred[m].mean(), truth[m] - truth[m].mean()
+    expected = 100 * np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert score(pred, truth, mask, erode_mm=None)["mask"]["nrmse"] == pytest.approx(expected)
+
+
+def test_eroded_mask_of_a_cube_anisotropic():
+    mask = np.zeros((30, 30, 20), bool)
+    mask[5:25, 5:25, 5:15] = True
+    er = eroded_mask(mask, (1.0, 1.0, 2.0), 2.0)
+    # A ball of 2 mm is 2 voxels in x, y and 1 voxel in z: the cube shrinks by that much per side.
+    assert er.sum() == 16 * 16 * 8
+
+
+def test_shape_mismatch_and_empty_mask_raise(truth_and_mask):
+    truth, mask = truth_and_mask
+    with pytest.raises(ValueError, match="shape"):
+        score(truth[:-1], truth, mask)
+    with pytest.raises(ValueError, match="empty"):
+        score(truth, truth, np.zeros_like(mask))
+
+
+def test_table_renders_rows(truth_and_mask):
+    truth, mask = truth_and_mask
+    table = score_table({"identity": score(truth, truth, mask)["mask"]})
+    assert "| identity | 0.0 | 0.0 | 0.0 | 1.000 | 1.000 |" in table
