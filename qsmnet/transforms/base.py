@@ -29,13 +29,14 @@ key                shape                meaning
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 Sample = dict[str, Any]
 
 
-class Transform:
+class Transform(ABC):
     """Base class for qsmnet transforms.
 
     Subclasses implement ``__call__`` on tensors and declare, for the dict twin, which sample
@@ -46,8 +47,9 @@ class Transform:
     input_keys: Mapping[str, str] = {}
     output_keys: Sequence[str] = ()
 
-    def __call__(self, *args, **kwargs):  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+    @abstractmethod
+    def __call__(self, *args, **kwargs):
+        """Run the transform on tensors."""
 
     def apply(self, sample: Sample, input_keys: Mapping[str, str] | None = None,
               output_keys: Sequence[str] | None = None) -> Sample:
