@@ -103,14 +103,12 @@ def forward_field(chi: torch.Tensor, voxel_size: Sequence[float] | torch.Tensor 
     """
     if chi.ndim < 3:
         raise ValueError(f"chi must be at least 3-D (..., X, Y, Z), got shape {tuple(chi.shape)}")
-    shape = tuple(chi.shape[-3:])
-    pads = pad_amount(shape, pad)
-    padded_shape = [n + a + b for n, (a, b) in zip(shape, pads)]
     dtype = chi.dtype if chi.dtype in (torch.float32, torch.float64) else torch.float32
-    kernel = dipole_kernel(padded_shape, voxel_size, b0_dir, half=True, dtype=dtype,
-                           device=chi.device)
-    out = _apply_kernel(_pad(chi.to(dtype), pads), kernel)
-    return _crop(out, pads, shape)
+    key = pad if isinstance(pad, (str, int, type(None))) else tuple(int(p) for p in pad)
+    layer = _SHARED_LAYERS.get(key)
+    if layer is None:
+        layer = _SHARED_LAYERS.setdefault(key, DipoleConvolution(key, cache_size=4))
+    return layer(chi.to(dtype), voxel_size, b0_dir)
 
 
 class DipoleConvolution(torch.nn.Module):
@@ -153,3 +151,8 @@ class DipoleConvolution(torch.nn.Module):
         return _crop(_apply_kernel(_pad(chi, pads), k), pads, shape)
 
     adjoint = forward
+
+
+# forward_field reuses kernels across calls with the same geometry (small caches: kernels of
+# large padded grids take hundreds of MB).
+_SHARED_LAYERS: dict = {}
