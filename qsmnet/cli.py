@@ -79,6 +79,9 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "trained checkpoint (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to run; auto = cuda when available, else cpu (default: %(default)s)")
+    p.add_argument("--bfr", default="pdf", choices=("pdf", "vsharp", "resharp"),
+                   help="background-field removal (default: %(default)s; pdf keeps the whole "
+                        "mask, vsharp/resharp erode it)")
 
 
 def _add_phase_sign(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,143 @@
+"""Dipole inversion methods behind one interface: ``local field (ppm) -> chi (ppm)``.
+
+``make_inverter(method)`` returns a callable
+``inverter(local_field_ppm, mask, voxel_size_mm, b0_dir) -> chi_ppm`` on ``(X, Y, Z)`` tensors,
+for ``tkd``, ``l2``, ``tv`` (the classical baselines), ``unet`` (the shipped network) or a path to
+a trained model (``.pt`` release file or ``.ckpt`` checkpoint).
+
+The network path crops to the mask's bounding box plus a margin, pads to the U-Net divisor, runs
+the network (which sees the sample's own B0 direction and voxel size through its kernel-aware
+L2 input channel), optionally refines the result against the measured field with the exact dipole
+kernel of this acquisition, and restores the full grid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qsmnet.inference.cropping import plan_crop_pad
+from qsmnet.inference.model_store import load_network
+from qsmnet.io.errors import QSMInputError
+from qsmnet.physics.forward import DipoleConvolution
+from qsmnet.transforms.inversion import (
+    closed_form_l2,
+    conjugate_gradient,
+    reference_to_mask_mean,
+    tkd,
+    tv_admm,
+)
+
+CLASSICAL_METHODS = ("tkd", "l2", "tv")
+
+
+def dc_refine(chi0: torch.Tensor, local_field_ppm: torch.Tensor, mask: torch.Tensor,
+              voxel_size_mm, b0_dir, weight: float = 0.05, iterations: int = 10,
+              pad: int | str = 16) -> torch.Tensor:
+    """Test-time data consistency: pull ``chi0`` towards the measured field.
+
+    Solves ``min_chi ||M (D chi - f)||^2 + weight ||chi - chi0||^2`` by conjugate gradients
+    started at ``chi0`` (``(D M D + weight I) chi = D M f + weight chi0``), with the exact dipole
+    kernel of this acquisition (B0 direction, voxel size). The k-space directions the field
+    determines well are corrected towards the data; in the cone of the kernel, where the data say
+    little, ``chi0`` (the network's answer) stays. ``weight`` sets the balance.
+    """
+    op = DipoleConvolution(pad=pad)
+    m = mask.to(chi0.dtype)
+    f = local_field_ppm * m
+
+    def apply_a(x):
+        return op(m * op(x, voxel_size_mm, b0_dir), voxel_size_mm, b0_dir) + weight * x
+
+    b = op(m * f, voxel_size_mm, b0_dir) + weight * chi0
+    chi, _, _ = conjugate_gradient(apply_a, b, x0=chi0, max_iter=iterations, tol=1e-6)
+    return chi
+
+
+@dataclass
+class NetworkInverter:
+    """The network as a dipole inversion on whole volumes of any shape.
+
+    Parameters
+    ----------
+    net : QSMNet
+    margin : voxels kept around the mask's bounding box.
+    refine_iterations : conjugate-gradient iterations of :func:`dc_refine` (0: off).
+    refine_weight : the prior weight of :func:`dc_refine`.
+    metadata : what the model file says about itself (recorded in outputs).
+    """
+
+    net: torch.nn.Module
+    margin: int = 8
+    refine_iterations: int = 0
+    refine_weight: float = 0.05
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"margin": self.margin, "refine_iterations": self.refine_iterations,
+                "refine_weight": self.refine_weight,
+                "model": self.metadata.get("name", self.metadata.get("source", "")),
+                "model_config": self.net.get_config()}
+
+    @torch.no_grad()
+    def __call__(self, local_field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm,
+                 b0_dir) -> torch.Tensor:
+        device = next(self.net.parameters()).device
+        f = local_field_ppm.to(device=device, dtype=torch.float32)
+        m = mask.to(device=device, dtype=torch.bool)
+        plan = plan_crop_pad(m, divisor=self.net.size_divisor, margin=self.margin)
+        fc = plan.apply(f * m)[None, None]
+        mc = plan.apply(m.to(torch.float32))[None, None]
+        vs = torch.as_tensor(voxel_size_mm, dtype=torch.float64).reshape(3)
+        b0 = torch.as_tensor(b0_dir, dtype=torch.float64).reshape(3)
+        chi = self.net(fc, mc, vs, b0)
+        if self.refine_iterations > 0:
+            chi = dc_refine(chi, fc, mc, vs, b0, self.refine_weight, self.refine_iterations)
+        chi = reference_to_mask_mean(chi, mc)
+        return plan.restore(chi[0, 0]).to(local_field_ppm.device)
+
+
+@dataclass
+class ClassicalInverter:
+    """A classical inversion with fixed parameters."""
+
+    name: str
+    fn: Callable
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def __call__(self, local_field_ppm, mask, voxel_size_mm, b0_dir) -> torch.Tensor:
+        vs = tuple(float(v) for v in torch.as_tensor(voxel_size_mm).reshape(3))
+        b0 = tuple(float(v) for v in torch.as_tensor(b0_dir).reshape(3))
+        return self.fn(local_field_ppm, mask.to(torch.bool), vs, b0, **self.params)
+
+
+def make_inverter(method: str | os.PathLike = "unet", device: str | torch.device = "cpu",
+                  refine_iterations: int | None = None, **params) -> Callable:
+    """Build the dipole inversion named ``method`` (see module docstring).
+
+    ``params`` go to the classical function (e.g. ``threshold`` for tkd, ``alpha`` for l2,
+    ``lam``/``max_iter`` for tv) or to :class:`NetworkInverter` (``margin``, ``refine_weight``).
+    For networks, ``refine_iterations`` defaults to what the model file recommends (its metadata
+    ``refine_iterations``), else 0.
+    """
+    method = os.fspath(method)
+    if method == "tkd":
+        return ClassicalInverter("tkd", tkd, params)
+    if method == "l2":
+        return ClassicalInverter("l2", closed_form_l2, params)
+    if method == "tv":
+        return ClassicalInverter("tv", tv_admm, params)
+    if method != "unet" and not method.endswith((".pt", ".ckpt")):
+        raise QSMInputError(f"unknown method {method!r}: use unet, tkd, l2, tv or a model file "
+                            "(.pt / .ckpt)")
+    net, meta = load_network(method, device)
+    if refine_iterations is None:
+        refine_iterations = int(meta.get("refine_iterations", 0))
+    params.setdefault("refine_weight", float(meta.get("refine_weight", 0.05)))
+    return NetworkInverter(net, refine_iterations=refine_iterations, metadata=meta, **params)

@@ -1,0 +1,77 @@
+"""Write a reconstruction: NIfTI maps on the input's grid and affine, a PNG preview and a JSON
+record of inputs, method, parameters and timings.
+
+Everything is computed before anything is written, each file is written atomically, and the
+chimap goes last: an interrupted or failed write never leaves a chimap without its companions.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qsmnet import __version__
+from qsmnet.inference.pipeline import Reconstruction
+from qsmnet.inference.preview import save_preview
+from qsmnet.io.atomic import atomic_write_json
+from qsmnet.io.nifti import save_nifti
+
+
+def output_paths(chimap: Path, names: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Companion paths of a chimap path: one per output key, beside it.
+
+    ``names`` maps output keys (``totalfield``, ``localfield``, ``mask``, ``preview``, ``record``)
+    to file names; by default a BIDS-style stem ``<stem>_<Key>`` is used.
+    """
+    stem = chimap.name[: -len("_Chimap.nii.gz")] if chimap.name.endswith("_Chimap.nii.gz") else None
+    default = {
+        "totalfield": f"{stem}_desc-total_fieldmap.nii.gz" if stem else "totalfield.nii.gz",
+        "localfield": f"{stem}_desc-local_fieldmap.nii.gz" if stem else "localfield.nii.gz",
+        "mask": f"{stem}_desc-qsm_mask.nii.gz" if stem else "mask.nii.gz",
+        "preview": f"{stem}_Chimap.png" if stem else "chimap.png",
+        "record": f"{stem}_Chimap.json" if stem else "chimap.json",
+    }
+    default.update(names or {})
+    return {"chimap": chimap, **{k: chimap.parent / v for k, v in default.items()}}
+
+
+def write_reconstruction(rec: Reconstruction, chimap_path: str | Path, affine: np.ndarray,
+                         header: Any, voxel_size_mm, inputs: Mapping[str, Any],
+                         preview: bool = True, names: Mapping[str, str] | None = None,
+                         timings_extra: Mapping[str, float] | None = None) -> dict[str, Path]:
+    """Write ``rec`` beside ``chimap_path``; returns the written paths by key."""
+    paths = output_paths(Path(chimap_path), names)
+    written: dict[str, Path] = {}
+    mask = rec.chi_mask.numpy().astype(np.uint8)
+    maps = {"localfield": rec.local_field_ppm, "totalfield": rec.total_field_ppm}
+    for key, vol in maps.items():
+        if vol is not None:
+            written[key] = save_nifti(paths[key], vol.numpy(), affine, header)
+    written["mask"] = save_nifti(paths["mask"], mask, affine, header, dtype=np.uint8)
+    chi = rec.chi_ppm.numpy()
+    if preview:
+        save_preview(paths["preview"], chi, mask, tuple(float(v) for v in voxel_size_mm),
+                     title=f"{Path(chimap_path).name} ({rec.params.get('method', '')})")
+        written["preview"] = paths["preview"]
+    timings = dict(rec.timings_s)
+    timings.update(timings_extra or {})
+    record = {
+        "qsmnet_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"python": platform.python_version(), "machine": platform.machine()},
+        "inputs": dict(inputs),
+        "method": rec.params.get("method"),
+        "parameters": rec.params,
+        "timings_s": timings,
+        "units": {"chimap": "ppm", "totalfield": "ppm", "localfield": "ppm"},
+        "reference": "chi referenced to its mean inside the mask",
+        "outputs": {k: p.name for k, p in paths.items() if k in written or k == "chimap"},
+    }
+    written["record"] = atomic_write_json(paths["record"], record)
+    written["chimap"] = save_nifti(paths["chimap"], chi, affine, header)
+    return written

@@ -1,0 +1,137 @@
+"""The reconstruction chain on one subject: phase -> total field -> local field -> chi.
+
+:func:`reconstruct` starts wherever the input is (wrapped multi-echo phase, a total field or a
+local field), runs the remaining stages with qsmnet's transforms on the chosen device, and returns
+every intermediate map with the mask each lives on and the time each stage took.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qsmnet.inference.dipole import make_inverter
+from qsmnet.io.errors import QSMInputError
+from qsmnet.transforms.background import pdf, resharp, vsharp
+from qsmnet.transforms.field_mapping import FieldMapping
+from qsmnet.transforms.masking import BrainMask
+
+BFR_METHODS: dict[str, Callable] = {"vsharp": vsharp, "pdf": pdf, "resharp": resharp}
+STARTS = ("phase", "totalfield", "localfield")
+
+
+@dataclass
+class Reconstruction:
+    """Outputs of :func:`reconstruct`, all ``(X, Y, Z)`` CPU tensors on the input grid.
+
+    ``mask`` is the input (or automatic) brain mask, ``chi_mask`` the possibly eroded mask that
+    background removal returned a field on, where ``chi_ppm`` and ``local_field_ppm`` are defined.
+    """
+
+    chi_ppm: torch.Tensor
+    local_field_ppm: torch.Tensor
+    chi_mask: torch.Tensor
+    mask: torch.Tensor
+    total_field_ppm: torch.Tensor | None = None
+    field_noise_ppm: torch.Tensor | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "phase",
+                bfr: str = "pdf", device: str | torch.device = "cpu",
+                bfr_params: Mapping[str, Any] | None = None,
+                field_mapping: FieldMapping | None = None,
+                inverter: Callable | None = None) -> Reconstruction:
+    """Reconstruct chi (ppm) from a sample dict (keys of :mod:`qsmnet.transforms.base`).
+
+    Parameters
+    ----------
+    sample : mapping
+        ``start="phase"``: ``phase`` (E, X, Y, Z) rad, ``magnitude`` (optional), ``te_s``,
+        ``b0_t``; ``"totalfield"``: ``field_ppm``; ``"localfield"``: ``local_field_ppm``. Always
+        ``voxel_size_mm``, ``b0_dir``; ``mask`` optional for phase input (automatic mask from the
+        magnitude), required otherwise.
+    method : dipole inversion (see :func:`qsmnet.inference.dipole.make_inverter`).
+    bfr : background-field removal: ``pdf`` (default), ``vsharp`` or ``resharp``.
+    inverter : a ready inverter (overrides ``method``; lets callers load a network once).
+    """
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    if bfr not in BFR_METHODS:
+        raise QSMInputError(f"unknown background-removal method {bfr!r}: use "
+                            f"{', '.join(BFR_METHODS)}")
+    device = torch.device(device)
+    vs = torch.as_tensor(sample["voxel_size_mm"], dtype=torch.float64).reshape(3)
+    b0 = torch.as_tensor(sample["b0_dir"], dtype=torch.float64).reshape(3)
+    timings: dict[str, float] = {}
+    params: dict[str, Any] = {"start": start, "bfr": bfr, "device": str(device)}
+    inverter = inverter if inverter is not None else make_inverter(method, device)
+
+    def to_dev(x):
+        return torch.as_tensor(x).to(device=device, dtype=torch.float32)
+
+    mask = sample.get("mask")
+    mask = None if mask is None else torch.as_tensor(mask).to(device=device, dtype=torch.bool)
+    total = noise = None
+    if start == "phase":
+        fm = field_mapping if field_mapping is not None else FieldMapping()
+        t0 = time.perf_counter()
+        if mask is None:
+            if sample.get("magnitude") is None:
+                raise QSMInputError("no mask and no magnitude: give a mask or the magnitude "
+                                    "images so an automatic mask can be made")
+            mask = BrainMask()(to_dev(sample["magnitude"]), None, vs.tolist())
+            _sync(device)
+            timings["mask"] = time.perf_counter() - t0
+            params["mask"] = "automatic (BrainMask, Otsu)"
+            t0 = time.perf_counter()
+        else:
+            params["mask"] = "given"
+        mag = sample.get("magnitude")
+        total, mask, noise = fm(to_dev(sample["phase"]), None if mag is None else to_dev(mag),
+                                sample["te_s"], float(sample["b0_t"]), mask, vs.tolist())
+        _sync(device)
+        timings["field_mapping"] = time.perf_counter() - t0
+    elif mask is None:
+        raise QSMInputError(f"a mask is needed when starting from the {start}")
+    if not bool(mask.any()):
+        raise QSMInputError("the mask is empty")
+
+    if start in ("phase", "totalfield"):
+        if total is None:
+            total = to_dev(sample["field_ppm"])
+        kwargs = dict(bfr_params or {})
+        if bfr == "pdf":
+            kwargs.setdefault("b0_dir", tuple(b0.tolist()))
+        t0 = time.perf_counter()
+        local, chi_mask = BFR_METHODS[bfr](total, mask, tuple(vs.tolist()), **kwargs)
+        _sync(device)
+        timings["background_removal"] = time.perf_counter() - t0
+        if not bool(chi_mask.any()):
+            raise QSMInputError(f"{bfr} eroded the whole mask: the brain mask is too small for "
+                                "this background-removal radius")
+    else:
+        local = to_dev(sample["local_field_ppm"]) * mask
+        chi_mask = mask
+
+    t0 = time.perf_counter()
+    chi = inverter(local, chi_mask, vs, b0)
+    _sync(device)
+    timings["dipole_inversion"] = time.perf_counter() - t0
+    params["method"] = getattr(inverter, "name", None) or str(method)
+    params["method_params"] = {k: v for k, v in getattr(inverter, "params", {}).items()
+                               if k != "model_config"}
+    cpu = (lambda x: None if x is None else x.detach().to("cpu"))  # noqa: E731
+    return Reconstruction(chi_ppm=cpu(chi), local_field_ppm=cpu(local), chi_mask=cpu(chi_mask),
+                          mask=cpu(mask), total_field_ppm=cpu(total), field_noise_ppm=cpu(noise),
+                          timings_s=timings, params=params)
