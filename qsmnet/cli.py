@@ -195,8 +195,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("truth", type=Path, metavar="TRUTH", help="ground-truth map (NIfTI, ppm)")
     p.add_argument("mask", type=Path, metavar="MASK", help="evaluation mask (NIfTI)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the metrics as JSON")
-    p.add_argument("--erode-mm", type=float, default=0.0, metavar="R",
-                   help="erode the mask by R mm before scoring (default: 0, no erosion)")
+    p.add_argument("--erode-mm", type=float, default=3.0, metavar="R",
+                   help="also score inside the mask eroded by R mm (default: %(default)s; "
+                        "0 scores the mask only)")
     p.set_defaults(handler=_run_evaluate)
 
 

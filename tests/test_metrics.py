@@ -56,3 +56,27 @@ def test_table_renders_rows(truth_and_mask):
     truth, mask = truth_and_mask
     table = score_table({"identity": score(truth, truth, mask)["mask"]})
     assert "| identity | 0.0 | 0.0 | 0.0 | 1.000 | 1.000 |" in table
+
+
+def test_evaluate_cli_table_and_json(tmp_path, capsys, truth_and_mask):
+    import json
+
+    from qsmnet.cli import main
+    from qsmnet.io import save_nifti
+
+    truth, mask = truth_and_mask
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    save_nifti(tmp_path / "t.nii.gz", truth, aff)
+    save_nifti(tmp_path / "p.nii.gz", 2 * truth, aff)
+    save_nifti(tmp_path / "m.nii.gz", mask, aff, dtype=np.uint8)
+    args = [str(tmp_path / n) for n in ("p.nii.gz", "t.nii.gz", "m.nii.gz")]
+    assert main(["evaluate", *args, "--json", str(tmp_path / "s.json"), "--erode-mm", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| mask | 100.0 |" in out and "mask eroded 2 mm" in out
+    metrics = json.loads((tmp_path / "s.json").read_text())["metrics"]
+    assert metrics["mask"]["nrmse"] == pytest.approx(100.0, rel=1e-4)
+    assert metrics["eroded_mask"]["n_voxels"] == 12 ** 3
+    # A mask on another grid is refused, naming the file.
+    save_nifti(tmp_path / "m2.nii.gz", mask[:-1], aff, dtype=np.uint8)
+    assert main(["evaluate", args[0], args[1], str(tmp_path / "m2.nii.gz")]) == 2
+    assert "m2.nii.gz" in capsys.readouterr().err
