@@ -1,6 +1,32 @@
 """Classical QSM preprocessing and baselines as torch transforms (CPU or CUDA)."""
 
+from qsmnet.transforms.background import PDF, RESHARP, VSHARP, pdf, resharp, vsharp
 from qsmnet.transforms.base import Compose, DictTransform, Transform
-from qsmnet.transforms.inversion import TKD, ClosedFormL2, closed_form_l2, tkd
+from qsmnet.transforms.inversion import (
+    TKD,
+    TVADMM,
+    ClosedFormL2,
+    closed_form_l2,
+    reference_to_mask_mean,
+    tkd,
+    tv_admm,
+)
 
-__all__ = ["TKD", "ClosedFormL2", "Compose", "DictTransform", "Transform", "closed_form_l2", "tkd"]
+__all__ = [
+    "PDF",
+    "RESHARP",
+    "TKD",
+    "TVADMM",
+    "VSHARP",
+    "ClosedFormL2",
+    "Compose",
+    "DictTransform",
+    "Transform",
+    "closed_form_l2",
+    "pdf",
+    "reference_to_mask_mean",
+    "resharp",
+    "tkd",
+    "tv_admm",
+    "vsharp",
+]

@@ -4,11 +4,33 @@ All share one interface, the one the network has: a callable on ``local_field_pp
 ``(..., X, Y, Z)`` with ``mask``, ``voxel_size_mm`` and ``b0_dir`` (``(3,)`` or ``(B, 3)``),
 returning chi referenced to its mean inside the mask (the dipole kernel has ``D(0) = 0``, so the
 mean of chi is not determined by the field).
+
+Grid
+----
+With a mask, each sample is cropped to the bounding box of its mask and zero padded by ``pad``
+voxels per side (rounded up to an FFT-friendly size, :func:`qsmnet.physics.forward.pad_amount`);
+the solution is computed with ``rfftn`` on that grid and put back on the input grid. The field is
+multiplied by the mask first, so nothing outside the mask is used. Without a mask the whole
+volume is padded. Every sample of a batch is solved on its own grid with its own geometry, so a
+batched call equals the per-sample calls.
+
+Methods
+-------
+* :func:`tkd` — truncated k-space division (Shmueli 2009; Wharton 2010).
+* :func:`closed_form_l2` — Tikhonov with a gradient penalty, closed form (Bilgic 2014 JMRI).
+* :func:`tv_admm` — total variation by ADMM (Bilgic 2014 MRM), optionally with data weights
+  (magnitude / inverse noise) through a second split.
+
+Defaults (TKD threshold 0.15, L2 alpha 0.01 mm^2, TV lambda 2e-4 (5e-5 weighted) with
+rho = 100 lambda, 12 voxels of padding) were chosen by a sweep on the qsm-forward head phantoms of
+:mod:`qsmnet.simulation.qsmforward_acquisition` (axial 1 mm, B0 tilted 25 deg, 1x1x2 mm; chi NRMSE
+from the true local field); see ``docs/benchmarks.md`` and ``scripts/bench_bfr_inversion.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -16,6 +38,23 @@ from qsmnet.physics.forward import _crop, _pad, pad_amount
 from qsmnet.physics.kernels import dipole_kernel, laplacian_eigenvalues
 from qsmnet.transforms.base import Transform
 
+Vec3 = Sequence[float] | torch.Tensor
+PadArg = int | str | Sequence[int] | None
+
+#: Default zero padding (voxels per side, around the mask bounding box) of the inversions.
+DEFAULT_INVERSION_PAD = 12
+
+#: TV-ADMM weights (ppm * mm) without and with data weights, from the phantom sweeps.
+DEFAULT_TV_LAMBDA = 2e-4
+DEFAULT_TV_LAMBDA_WEIGHTED = 5e-5
+
+# |D| below this counts as exactly 0 (the kernel's float32 round-off is ~3e-8).
+_CONE_TOL = 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers (also used by :mod:`qsmnet.transforms.background`)
+# --------------------------------------------------------------------------------------------
 
 def reference_to_mask_mean(chi: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Subtract the mean of chi inside ``mask`` (per sample) and zero chi outside the mask."""
@@ -27,7 +66,199 @@ def reference_to_mask_mean(chi: torch.Tensor, mask: torch.Tensor | None) -> torc
     return (chi - mean) * m
 
 
+def _float_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _broadcast_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a mask ``(X, Y, Z)``, ``(B, X, Y, Z)`` or ``x``-shaped onto ``x`` (bool)."""
+    m = mask if mask.dtype == torch.bool else mask != 0
+    m = m.to(x.device)
+    if m.shape[-3:] != x.shape[-3:]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the volume "
+                         f"{tuple(x.shape)} in its last three axes")
+    if 4 <= m.ndim < x.ndim:
+        # A per-sample mask (B, X, Y, Z) against (B, C..., X, Y, Z).
+        m = m.reshape(m.shape[0], *([1] * (x.ndim - m.ndim)), *m.shape[1:])
+    try:
+        return torch.broadcast_to(m, x.shape)
+    except RuntimeError as exc:
+        raise ValueError(f"mask shape {tuple(mask.shape)} cannot be broadcast to the volume "
+                         f"{tuple(x.shape)}") from exc
+
+
+def _per_sample_vectors(v: Vec3 | None, lead: Sequence[int], name: str) -> list[tuple | None]:
+    """Expand a ``(3,)`` or ``(B, 3)`` vector to one ``(3,)`` tuple per flattened sample."""
+    n = math.prod(lead)
+    if v is None:
+        return [None] * n
+    t = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+    if t.shape[-1:] != (3,) or t.ndim > 2:
+        raise ValueError(f"{name} must have shape (3,) or (B, 3), got {tuple(t.shape)}")
+    if not bool(torch.all(torch.isfinite(t))):
+        raise ValueError(f"{name} must be finite, got {v!r}")
+    if t.ndim == 1 or t.shape[0] == 1:
+        row = tuple(float(a) for a in t.reshape(3))
+        return [row] * n
+    if len(lead) == 0 or lead[0] != t.shape[0]:
+        raise ValueError(f"{name} has {t.shape[0]} rows but the volume has leading shape "
+                         f"{tuple(lead)}; per-sample geometry needs (B, X, Y, Z) input")
+    inner = math.prod(lead[1:])
+    rows = [tuple(float(a) for a in r) for r in t]
+    return [rows[i // inner] for i in range(n)]
+
+
+def _check_voxel_size(vs: tuple[float, float, float]) -> None:
+    if any(not (a > 0) for a in vs):
+        raise ValueError(f"voxel_size_mm must be positive, got {vs}")
+
+
+def _mask_bbox(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """``[(lo, hi), ...]`` (hi exclusive) of the True voxels of a 3-D mask."""
+    out = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = torch.nonzero(mask.any(dim=other)).reshape(-1)
+        if idx.numel() == 0:
+            raise ValueError("mask is empty: there is no voxel to reconstruct")
+        out.append((int(idx[0]), int(idx[-1]) + 1))
+    return out
+
+
+def _crop_box(x: torch.Tensor, box: list[tuple[int, int]]) -> torch.Tensor:
+    (a0, a1), (b0, b1), (c0, c1) = box
+    return x[..., a0:a1, b0:b1, c0:c1]
+
+
+def _uncrop_box(x: torch.Tensor, box: list[tuple[int, int]], shape: Sequence[int]) -> torch.Tensor:
+    out = x.new_zeros(*x.shape[:-3], *shape)
+    (a0, a1), (b0, b1), (c0, c1) = box
+    out[..., a0:a1, b0:b1, c0:c1] = x
+    return out
+
+
+def _map_samples(fn: Callable, x: torch.Tensor, mask: torch.Tensor | None, *vectors,
+                 extra: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Run ``fn(x3, mask3, *vecs, extra3)`` on every 3-D sample and stack the results.
+
+    ``x`` is ``(..., X, Y, Z)``; ``mask`` and ``extra`` broadcast onto it; each entry of
+    ``vectors`` is a list (from :func:`_per_sample_vectors`) with one item per sample. ``fn``
+    returns a tuple of 3-D tensors; the stacked tuple has ``x``'s leading shape.
+    """
+    lead = tuple(x.shape[:-3])
+    shape = tuple(x.shape[-3:])
+    xs = x.reshape(-1, *shape)
+    ms = None if mask is None else _broadcast_mask(mask, x).reshape(-1, *shape)
+    es = None if extra is None else _broadcast_mask_like(extra, x).reshape(-1, *shape)
+    results = []
+    for i in range(xs.shape[0]):
+        res = fn(xs[i], None if ms is None else ms[i], *(v[i] for v in vectors),
+                 None if es is None else es[i])
+        results.append(res if isinstance(res, tuple) else (res,))
+    return tuple(torch.stack([r[j] for r in results]).reshape(*lead, *shape)
+                 for j in range(len(results[0])))
+
+
+def _broadcast_mask_like(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast real weights ``(X, Y, Z)`` / ``(B, X, Y, Z)`` onto ``x``."""
+    w = torch.as_tensor(w, device=x.device).to(_float_dtype(x))
+    if w.shape[-3:] != x.shape[-3:]:
+        raise ValueError(f"weights shape {tuple(w.shape)} does not match the volume "
+                         f"{tuple(x.shape)}")
+    if 4 <= w.ndim < x.ndim:
+        w = w.reshape(w.shape[0], *([1] * (x.ndim - w.ndim)), *w.shape[1:])
+    return torch.broadcast_to(w, x.shape)
+
+
+def _prepare_weights(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Check data weights and broadcast them onto ``x``.
+
+    A tensor with one more axis than ``x`` holds per-echo weights (e.g. magnitudes, echo axis
+    -4); they are combined as the root mean square over the echoes.
+    """
+    w = torch.as_tensor(weights, device=x.device).detach().to(x.dtype)
+    if w.ndim == x.ndim + 1:
+        w = w.pow(2).mean(dim=-4).sqrt()
+    if bool(torch.any(w < 0)) or not bool(torch.all(torch.isfinite(w))):
+        raise ValueError("weights must be finite and non-negative")
+    return _broadcast_mask_like(w, x)
+
+
+def _prepare_grid(x: torch.Tensor, mask: torch.Tensor | None, pad: PadArg):
+    """Crop ``x`` (3-D) to the mask bbox and zero pad; returns (padded, pads, box, padded_shape)."""
+    if mask is not None:
+        box = _mask_bbox(mask)
+        xc = _crop_box(x * mask.to(x.dtype), box)
+    else:
+        box = [(0, n) for n in x.shape[-3:]]
+        xc = x
+    cshape = tuple(xc.shape[-3:])
+    pads = pad_amount(cshape, pad)
+    padded_shape = [n + a + b for n, (a, b) in zip(cshape, pads)]
+    return _pad(xc, pads), pads, box, cshape, padded_shape
+
+
+def _finish_grid(y: torch.Tensor, pads, box, cshape, full_shape) -> torch.Tensor:
+    return _uncrop_box(_crop(y, pads, cshape), box, full_shape)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+
+
+def conjugate_gradient(apply_a: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
+                       x0: torch.Tensor | None = None, max_iter: int = 50,
+                       tol: float = 1e-6) -> tuple[torch.Tensor, int, float]:
+    """Conjugate gradients for a symmetric positive (semi-)definite operator.
+
+    Parameters
+    ----------
+    apply_a : callable
+        ``x -> A x`` on tensors shaped like ``b``.
+    b : tensor
+        Right-hand side.
+    x0 : tensor, optional
+        Start (zeros by default).
+    max_iter : int
+        Maximum number of iterations.
+    tol : float
+        Stop when ``||b - A x|| <= tol * ||b||``.
+
+    Returns
+    -------
+    (x, iterations, relative residual)
+    """
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - apply_a(x) if x0 is not None else b.clone()
+    bnorm = math.sqrt(max(_dot(b, b), 0.0))
+    if bnorm == 0.0:
+        return x, 0, 0.0
+    p = r.clone()
+    rs = _dot(r, r)
+    it = 0
+    for it in range(1, max_iter + 1):
+        ap = apply_a(p)
+        pap = _dot(p, ap)
+        if pap <= 0.0:
+            break
+        alpha = rs / pap
+        x.add_(p, alpha=alpha)
+        r.add_(ap, alpha=-alpha)
+        rs_new = _dot(r, r)
+        if math.sqrt(max(rs_new, 0.0)) <= tol * bnorm:
+            rs = rs_new
+            break
+        p.mul_(rs_new / rs).add_(r)
+        rs = rs_new
+    return x, it, math.sqrt(max(rs, 0.0)) / bnorm
+
+
+# --------------------------------------------------------------------------------------------
+# Direct (one-shot) inversions
+# --------------------------------------------------------------------------------------------
+
 def _spectral_solve(field: torch.Tensor, filt_fn, voxel_size, b0_dir, pad) -> torch.Tensor:
+    """Filter ``field`` (``(..., X, Y, Z)``, one geometry) with ``filt_fn(D, padded_shape)``."""
     shape = tuple(field.shape[-3:])
     pads = pad_amount(shape, pad)
     padded = [n + a + b for n, (a, b) in zip(shape, pads)]
@@ -40,65 +271,350 @@ def _spectral_solve(field: torch.Tensor, filt_fn, voxel_size, b0_dir, pad) -> to
     return _crop(out, pads, shape)
 
 
+def _direct_inversion(local_field_ppm, mask, voxel_size_mm, b0_dir, pad, filt_fn):
+    """Per-sample crop -> pad -> filter -> crop back -> reference, for TKD / L2."""
+    x = local_field_ppm
+    if x.ndim < 3:
+        raise ValueError(f"local_field_ppm must be (..., X, Y, Z), got shape {tuple(x.shape)}")
+    x = x.to(_float_dtype(x))
+    lead = tuple(x.shape[:-3])
+    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+    b0s = _per_sample_vectors(b0_dir, lead, "b0_dir")
+    full = tuple(x.shape[-3:])
+
+    def one(f, m, vs, b0, _extra):
+        _check_voxel_size(vs)
+        if m is not None:
+            box = _mask_bbox(m)
+            fc = _crop_box(f * m.to(f.dtype), box)
+        else:
+            box = [(0, n) for n in full]
+            fc = f
+        chi = _spectral_solve(fc, lambda d, shape: filt_fn(d, shape, vs), vs, b0, pad)
+        return _uncrop_box(chi, box, full)
+
+    (chi,) = _map_samples(one, x, mask, vss, b0s)
+    return reference_to_mask_mean(chi, None if mask is None else _broadcast_mask(mask, chi))
+
+
 def tkd(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
         voxel_size_mm: Sequence[float] | torch.Tensor = (1.0, 1.0, 1.0),
         b0_dir: Sequence[float] | torch.Tensor = (0.0, 0.0, 1.0), threshold: float = 0.15,
-        pad: int | str | None = "auto") -> torch.Tensor:
+        pad: PadArg = DEFAULT_INVERSION_PAD) -> torch.Tensor:
     """Truncated k-space division.
 
     ``chi = IFFT(F * Dinv)`` with ``Dinv = 1/D`` where ``|D| > threshold`` and
-    ``sign(D)/threshold`` elsewhere (``sign(0) = +1``, as in QSM.jl). The field is masked before
-    the transform and chi referenced to its mean in the mask.
+    ``sign(D)/threshold`` elsewhere (``sign(0) = +1``, as in QSM.jl; ``|D| <= 1e-6`` counts as
+    0, so that points on the magic-angle cone do not take a sign from round-off). No correction
+    factor is applied (TKD underestimates chi by about ``mean(D * Dinv)``, 0.82 at 0.15).
+
+    Parameters
+    ----------
+    local_field_ppm : (..., X, Y, Z) tensor
+        Local (tissue) field, ppm.
+    mask : (X, Y, Z) or (B, X, Y, Z) bool tensor, optional
+        Region to reconstruct; the field is masked before the transform, each sample is cropped
+        to its mask's bounding box, and chi is zero outside.
+    voxel_size_mm, b0_dir : (3,) or (B, 3)
+        Voxel size (mm) and B0 direction (array axes).
+    threshold : float
+        Truncation level of ``|D|``; 0.15 (the common default) measured best among
+        {0.1, 0.125, 0.15, 0.2, 0.25} on the head phantom.
+    pad : int, (3,) ints, "auto" or None
+        Zero padding per side around the cropped volume, voxels (see
+        :func:`qsmnet.physics.forward.pad_amount`).
+
+    Returns
+    -------
+    (..., X, Y, Z) tensor: chi in ppm, zero mean inside the mask, 0 outside. Differentiable.
+
+    References
+    ----------
+    Shmueli K. et al., MRM 62:1510 (2009); Wharton S. et al., MRM 63:1292 (2010).
     """
     if threshold <= 0:
         raise ValueError(f"threshold must be positive, got {threshold}")
-    field = local_field_ppm if mask is None else local_field_ppm * mask.to(local_field_ppm.dtype)
 
-    def filt(d, _shape):
-        sign = torch.where(d >= 0, torch.ones_like(d), -torch.ones_like(d))
+    def filt(d, _shape, _vs):
+        # On the magic-angle cone D is exactly 0 but computes as +-1e-17 (float64) or +-3e-8
+        # (float32); treat |D| <= 1e-6 as 0 so that sign(0) = +1 does not depend on round-off.
+        sign = torch.where(d > -_CONE_TOL, torch.ones_like(d), -torch.ones_like(d))
         safe = torch.where(d.abs() > threshold, d, sign * threshold)
         return 1.0 / safe
 
-    return reference_to_mask_mean(_spectral_solve(field, filt, voxel_size_mm, b0_dir, pad), mask)
+    return _direct_inversion(local_field_ppm, mask, voxel_size_mm, b0_dir, pad, filt)
 
 
 def closed_form_l2(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
                    voxel_size_mm: Sequence[float] | torch.Tensor = (1.0, 1.0, 1.0),
                    b0_dir: Sequence[float] | torch.Tensor = (0.0, 0.0, 1.0),
-                   alpha: float = 0.05, pad: int | str | None = "auto") -> torch.Tensor:
+                   alpha: float = 0.01, pad: PadArg = DEFAULT_INVERSION_PAD) -> torch.Tensor:
     """Closed-form L2 inversion with gradient regularisation (Bilgic 2014).
 
+    Solves ``min_chi ||D chi - f||^2 + alpha ||grad chi||^2`` on the padded grid:
     ``chi = IFFT( D F / (D^2 + alpha |E|^2) )`` where ``|E|^2`` is the spectrum of
-    ``grad^T grad`` for the periodic forward-difference gradient *scaled by voxel size* (so
-    ``alpha`` has units of mm^2 and means the same on anisotropic grids).
+    ``grad^T grad`` for the periodic forward-difference gradient *scaled by voxel size*
+    (:func:`qsmnet.physics.kernels.laplacian_eigenvalues`), so ``alpha`` has units of mm^2 and
+    means the same on anisotropic grids. ``alpha = 0`` gives the pseudo-inverse ``F / D``
+    (0 where ``D = 0``).
+
+    Parameters
+    ----------
+    local_field_ppm, mask, voxel_size_mm, b0_dir, pad
+        As in :func:`tkd`.
+    alpha : float
+        Regularisation weight, mm^2. Default 0.01: with 0.005 the lowest mean NRMSE of a sweep over
+        {0.005, 0.01, 0.02, 0.04, 0.08} on the head phantoms (49.6 % vs 49.5 %), and better on
+        the tilted case and in XSIM.
+
+    Returns
+    -------
+    (..., X, Y, Z) tensor: chi in ppm, zero mean inside the mask. Differentiable.
+
+    References
+    ----------
+    Bilgic B. et al., "Fast image reconstruction with L2-regularization", JMRI 40:181 (2014).
     """
     if alpha < 0:
         raise ValueError(f"alpha must be non-negative, got {alpha}")
-    field = local_field_ppm if mask is None else local_field_ppm * mask.to(local_field_ppm.dtype)
-    vs = torch.as_tensor(voxel_size_mm, dtype=torch.float64)
 
-    def filt(d, shape):
-        if vs.ndim == 2:
-            e2 = torch.stack([-laplacian_eigenvalues(shape, v, half=True, dtype=d.dtype,
-                                                     device=d.device) for v in vs])
-        else:
-            e2 = -laplacian_eigenvalues(shape, vs, half=True, dtype=d.dtype, device=d.device)
+    def filt(d, shape, vs):
+        e2 = -laplacian_eigenvalues(shape, vs, half=True, dtype=d.dtype, device=d.device)
         den = d * d + alpha * e2
         return torch.where(den > 0, d / torch.where(den > 0, den, torch.ones_like(den)),
                            torch.zeros_like(den))
 
-    return reference_to_mask_mean(_spectral_solve(field, filt, voxel_size_mm, b0_dir, pad), mask)
+    return _direct_inversion(local_field_ppm, mask, voxel_size_mm, b0_dir, pad, filt)
+
+
+# --------------------------------------------------------------------------------------------
+# TV-ADMM
+# --------------------------------------------------------------------------------------------
+
+def _grad_into(x: torch.Tensor, out: torch.Tensor, inv_h: Sequence[float]) -> torch.Tensor:
+    """Periodic forward differences of 3-D ``x`` into ``out`` (3, X, Y, Z), in place.
+
+    Equal to :func:`qsmnet.physics.operators.gradient` without its temporaries.
+    """
+    for axis in range(3):
+        o = out[axis]
+        n = x.shape[axis]
+        torch.sub(x.narrow(axis, 1, n - 1), x.narrow(axis, 0, n - 1), out=o.narrow(axis, 0, n - 1))
+        torch.sub(x.narrow(axis, 0, 1), x.narrow(axis, n - 1, 1), out=o.narrow(axis, n - 1, 1))
+        o.mul_(inv_h[axis])
+    return out
+
+
+def _grad_adjoint_into(g: torch.Tensor, out: torch.Tensor, inv_h: Sequence[float],
+                       tmp: torch.Tensor) -> torch.Tensor:
+    """``grad^T g = -div g`` (periodic) of ``g`` (3, X, Y, Z) into ``out`` (X, Y, Z)."""
+    out.zero_()
+    for axis in range(3):
+        gi = g[axis]
+        n = gi.shape[axis]
+        # (grad^T g)[i] = (g[i-1] - g[i]) / h
+        torch.sub(gi.narrow(axis, 0, n - 1), gi.narrow(axis, 1, n - 1),
+                  out=tmp.narrow(axis, 1, n - 1))
+        torch.sub(gi.narrow(axis, n - 1, 1), gi.narrow(axis, 0, 1), out=tmp.narrow(axis, 0, 1))
+        out.add_(tmp, alpha=inv_h[axis])
+    return out
+
+
+def _tv_admm_single(f, m, vs, b0, w, *, lam, rho, mu, max_iter, tol, pad):
+    _check_voxel_size(vs)
+    full = tuple(f.shape)
+    fp, pads, box, cshape, padded = _prepare_grid(f, m, pad)
+    dt, dev = fp.dtype, fp.device
+    d = dipole_kernel(padded, vs, b0, half=True, dtype=dt, device=dev)
+    e2 = -laplacian_eigenvalues(padded, vs, half=True, dtype=dt, device=dev)
+    inv_h = [1.0 / h for h in vs]
+    s = tuple(padded)
+    rfft = lambda a: torch.fft.rfftn(a)  # noqa: E731
+    irfft = lambda a: torch.fft.irfftn(a, s=s)  # noqa: E731
+
+    weighted = w is not None
+    if weighted:
+        wp = _pad(_crop_box(w * (m.to(dt) if m is not None else 1.0), box), pads)
+        w2 = wp * wp
+        den = mu * d * d + rho * e2
+    else:
+        den = d * d + rho * e2
+    ia = torch.where(den > 0, 1.0 / torch.where(den > 0, den, torch.ones_like(den)),
+                     torch.zeros_like(den))
+    fhat = rfft(fp)
+    if weighted:
+        # v = D chi (data split), s2 its scaled dual; start from the unweighted closed form.
+        chi = irfft(fhat * d / torch.where(d * d + rho * e2 > 0, d * d + rho * e2,
+                                           torch.ones_like(d)))
+        v = fp.clone()
+        s2 = torch.zeros_like(fp)
+        w2f = w2 * fp
+    else:
+        base = ia * d * fhat
+        chi = irfft(base)
+    z = torch.empty((3, *s), dtype=dt, device=dev)
+    u = torch.zeros_like(z)
+    g = torch.empty_like(z)
+    tmp = torch.empty_like(fp)
+    rhs = torch.empty_like(fp)
+    _grad_into(chi, z, inv_h)
+    thr = lam / rho
+    iters = 0
+    for iters in range(1, max_iter + 1):
+        # x-update: (D^2 + rho E^2) chi = D f + rho grad^T (z - u)   [weighted: mu D (v - s2)]
+        torch.sub(z, u, out=g)
+        _grad_adjoint_into(g, rhs, inv_h, tmp)
+        spec = rfft(rhs).mul_(rho)
+        if weighted:
+            spec.addcmul_(rfft(v - s2), d, value=mu)
+            spec.mul_(ia)
+        else:
+            spec.mul_(ia).add_(base)
+        chi_new = irfft(spec)
+        # z-update (anisotropic shrinkage) and dual ascent.
+        _grad_into(chi_new, g, inv_h)
+        g.add_(u)                                   # g = grad chi + u
+        torch.clamp(g, -thr, thr, out=z)
+        torch.sub(g, z, out=z)                      # z = shrink(grad chi + u)
+        torch.sub(g, z, out=u)                      # u <- u + grad chi - z
+        if weighted:
+            dchi = irfft(rfft(chi_new).mul_(d))
+            # v = argmin 1/2 ||W (v - f)||^2 + mu/2 ||v - (D chi + s2)||^2
+            torch.add(dchi, s2, out=tmp)
+            v = (w2f + mu * tmp) / (w2 + mu)
+            s2.add_(dchi).sub_(v)
+        diff = torch.linalg.vector_norm(chi_new - chi)
+        norm = torch.linalg.vector_norm(chi_new)
+        chi = chi_new
+        if float(diff) <= tol * float(norm):
+            break
+    return _finish_grid(chi, pads, box, cshape, full), iters
+
+
+def tv_admm(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
+            voxel_size_mm: Sequence[float] | torch.Tensor = (1.0, 1.0, 1.0),
+            b0_dir: Sequence[float] | torch.Tensor = (0.0, 0.0, 1.0), lam: float | None = None,
+            rho: float | None = None, max_iter: int = 100, tol: float = 1e-3,
+            weights: torch.Tensor | None = None, mu: float = 0.3,
+            pad: PadArg = DEFAULT_INVERSION_PAD) -> torch.Tensor:
+    """Total-variation dipole inversion by ADMM (Bilgic 2014).
+
+    Solves ``min_chi 1/2 ||W (D chi - f)||^2 + lam ||grad chi||_1`` (anisotropic TV, the sum of
+    absolute forward differences scaled by voxel size) with scaled ADMM, ``z = grad chi``:
+
+    * x-update in k-space: ``(D^2 + rho |E|^2) chi = D f + rho grad^T (z - u)`` (``|E|^2`` the
+      spectrum of the periodic ``grad^T grad``, consistent with
+      :func:`qsmnet.physics.kernels.laplacian_eigenvalues`);
+    * ``z = shrink(grad chi + u, lam / rho)``; ``u <- u + grad chi - z``;
+    * stop after ``max_iter`` iterations or when ``||chi_k - chi_{k-1}|| < tol ||chi_k||``.
+
+    Without ``weights`` the data term runs over the whole padded grid with the field set to 0
+    outside the mask (as in Bilgic 2014 and QSM.jl). With ``weights`` (e.g. the magnitude, or
+    1 / noise std, or just the mask) the data term is ``W = mask * weights`` (normalised to RMS 1
+    in the mask), so voxels outside the mask carry no data -- the true field does not vanish
+    there, and dropping that false constraint is what helps most: on the head phantoms the
+    weighted variant reaches 14-19 % NRMSE against 33 % unweighted (binary mask weights and
+    magnitude weights do alike at the same lambda). A second split ``v = D chi`` (penalty ``mu``, dual ``s2``) keeps
+    every update closed form: ``(mu D^2 + rho |E|^2) chi = mu D (v - s2) + rho
+    grad^T (z - u)``, ``v = (W^2 f + mu (D chi + s2)) / (W^2 + mu)``.
+
+    Parameters
+    ----------
+    local_field_ppm : (..., X, Y, Z) tensor
+        Local field, ppm.
+    mask : (X, Y, Z) or (B, X, Y, Z) bool tensor, optional
+        Region to reconstruct (cropped to its bounding box + ``pad``).
+    voxel_size_mm, b0_dir : (3,) or (B, 3)
+        Voxel size (mm) and B0 direction (array axes).
+    lam : float, optional
+        TV weight, ppm * mm (field in ppm, gradient per mm). Default 2e-4 without weights: the
+        lowest mean NRMSE of {5e-5, 1e-4, 1.5e-4, 2e-4, 4e-4, 8e-4} on the head phantoms, with and
+        without field noise (QSM.rs uses 2e-4, QSM.jl 1e-3); 5e-5 with weights, where the sweep
+        {2.5e-5, 5e-5, 1e-4, 2e-4} went 14.0, 14.6, 16.6, 19.0 % (mean, noisy field) and smaller
+        values are riskier on noisier data.
+    rho : float, optional
+        ADMM penalty of the ``z = grad chi`` split; default ``100 * lam`` (QSM.jl); results vary
+        by < 0.1 % NRMSE over ``rho`` in [25, 250] * lam.
+    max_iter : int
+        Maximum iterations (a fixed budget, so results do not depend on wall-clock). Unweighted,
+        NRMSE changes by < 0.1 % between 25 and 200 iterations on the head phantoms.
+    tol : float
+        Relative-change tolerance ``||chi_k - chi_{k-1}|| < tol ||chi_k||``.
+    weights : tensor shaped like the field (or broadcastable: (X, Y, Z), (B, X, Y), ...), optional
+        Data weights (>= 0). A tensor with one more axis than the field holds per-echo weights
+        (``(E, X, Y, Z)``, or ``(B, E, X, Y, Z)`` for a batch) and is combined as the root mean
+        square over the echoes.
+    mu : float
+        Penalty of the data split (weighted variant only). Default 0.3: on the head phantoms
+        (magnitude weights, 100 iterations) 0.3 / 1 / 3 gave 18.8 / 21.5 / 22.5 % NRMSE (axial).
+        The split converges slowly (NRMSE wanders by about +-1 % between 50 and 400 iterations).
+    pad : int, (3,) ints, "auto" or None
+        Zero padding per side around the cropped volume, voxels.
+
+    Returns
+    -------
+    (..., X, Y, Z) tensor: chi in ppm, zero mean inside the mask. Computed without autograd.
+
+    References
+    ----------
+    Bilgic B. et al., "Fast quantitative susceptibility mapping with L1-regularization and
+    automatic parameter selection", MRM 72:1444 (2014); Boyd S. et al., Found. Trends Mach.
+    Learn. 3:1 (2011) for scaled ADMM; Milovic C. et al., MRM 80:814 (2018) (FANSI) for the
+    weighted data split.
+    """
+    if lam is None:
+        lam = DEFAULT_TV_LAMBDA if weights is None else DEFAULT_TV_LAMBDA_WEIGHTED
+    if lam < 0:
+        raise ValueError(f"lam must be non-negative, got {lam}")
+    rho = 100.0 * lam if rho is None else float(rho)
+    if rho <= 0:
+        raise ValueError(f"rho must be positive (lam = 0 needs an explicit rho), got {rho}")
+    if mu <= 0:
+        raise ValueError(f"mu must be positive, got {mu}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    x = local_field_ppm
+    if x.ndim < 3:
+        raise ValueError(f"local_field_ppm must be (..., X, Y, Z), got shape {tuple(x.shape)}")
+    x = x.detach().to(_float_dtype(x))
+    lead = tuple(x.shape[:-3])
+    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+    b0s = _per_sample_vectors(b0_dir, lead, "b0_dir")
+    w = None
+    if weights is not None:
+        wb = _prepare_weights(weights, x)
+        mb = None if mask is None else _broadcast_mask(mask, x).to(x.dtype)
+        ref = wb if mb is None else wb * mb
+        cnt = (torch.ones_like(ref) if mb is None else mb).sum(dim=(-3, -2, -1), keepdim=True)
+        rms = (ref.pow(2).sum(dim=(-3, -2, -1), keepdim=True) / cnt.clamp_min(1)).sqrt()
+        w = wb / rms.clamp_min(torch.finfo(x.dtype).tiny)
+
+    def one(f, m, vs, b0, wi):
+        chi, _ = _tv_admm_single(f, m, vs, b0, wi, lam=lam, rho=rho, mu=mu, max_iter=max_iter,
+                                 tol=tol, pad=pad)
+        return chi
+
+    with torch.no_grad():
+        (chi,) = _map_samples(one, x, mask, vss, b0s, extra=w)
+    return reference_to_mask_mean(chi, None if mask is None else _broadcast_mask(mask, chi))
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+
+_INVERSION_KEYS = {"local_field_ppm": "local_field_ppm", "mask": "mask",
+                   "voxel_size_mm": "voxel_size_mm", "b0_dir": "b0_dir"}
 
 
 class TKD(Transform):
     """Transform wrapper of :func:`tkd` (dict keys: local_field_ppm, mask, voxel_size_mm,
     b0_dir -> chi_ppm)."""
 
-    input_keys = {"local_field_ppm": "local_field_ppm", "mask": "mask",
-                  "voxel_size_mm": "voxel_size_mm", "b0_dir": "b0_dir"}
+    input_keys = _INVERSION_KEYS
     output_keys = ("chi_ppm",)
 
-    def __init__(self, threshold: float = 0.15, pad: int | str | None = "auto") -> None:
+    def __init__(self, threshold: float = 0.15, pad: PadArg = DEFAULT_INVERSION_PAD) -> None:
         self.threshold = threshold
         self.pad = pad
 
@@ -107,16 +623,16 @@ class TKD(Transform):
         return tkd(local_field_ppm, mask, voxel_size_mm, b0_dir, self.threshold, self.pad)
 
     def __repr__(self) -> str:
-        return f"TKD(threshold={self.threshold})"
+        return f"TKD(threshold={self.threshold}, pad={self.pad!r})"
 
 
 class ClosedFormL2(Transform):
-    """Transform wrapper of :func:`closed_form_l2`."""
+    """Transform wrapper of :func:`closed_form_l2` (same keys as :class:`TKD`)."""
 
-    input_keys = TKD.input_keys
+    input_keys = _INVERSION_KEYS
     output_keys = ("chi_ppm",)
 
-    def __init__(self, alpha: float = 0.05, pad: int | str | None = "auto") -> None:
+    def __init__(self, alpha: float = 0.01, pad: PadArg = DEFAULT_INVERSION_PAD) -> None:
         self.alpha = alpha
         self.pad = pad
 
@@ -125,4 +641,38 @@ class ClosedFormL2(Transform):
         return closed_form_l2(local_field_ppm, mask, voxel_size_mm, b0_dir, self.alpha, self.pad)
 
     def __repr__(self) -> str:
-        return f"ClosedFormL2(alpha={self.alpha})"
+        return f"ClosedFormL2(alpha={self.alpha}, pad={self.pad!r})"
+
+
+class TVADMM(Transform):
+    """Transform wrapper of :func:`tv_admm`.
+
+    Dict keys: local_field_ppm, mask, voxel_size_mm, b0_dir (+ ``weights_key`` when given, e.g.
+    ``"magnitude"``: its ``(E, X, Y, Z)`` echoes are combined by RMS) -> chi_ppm.
+    """
+
+    output_keys = ("chi_ppm",)
+
+    def __init__(self, lam: float | None = None, rho: float | None = None, max_iter: int = 100,
+                 tol: float = 1e-3, mu: float = 0.3, pad: PadArg = DEFAULT_INVERSION_PAD,
+                 weights_key: str | None = None) -> None:
+        self.lam = lam
+        self.rho = rho
+        self.max_iter = max_iter
+        self.tol = tol
+        self.mu = mu
+        self.pad = pad
+        self.weights_key = weights_key
+        self.input_keys = dict(_INVERSION_KEYS)
+        if weights_key is not None:
+            self.input_keys["weights"] = weights_key
+
+    def __call__(self, local_field_ppm, mask=None, voxel_size_mm=(1.0, 1.0, 1.0),
+                 b0_dir=(0.0, 0.0, 1.0), weights=None):
+        return tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir, lam=self.lam, rho=self.rho,
+                       max_iter=self.max_iter, tol=self.tol, weights=weights, mu=self.mu,
+                       pad=self.pad)
+
+    def __repr__(self) -> str:
+        return (f"TVADMM(lam={self.lam}, rho={self.rho}, max_iter={self.max_iter}, "
+                f"tol={self.tol}, weights_key={self.weights_key!r})")

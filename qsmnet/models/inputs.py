@@ -1,0 +1,121 @@
+"""Network input channels built from the local field and the acquisition geometry.
+
+The kernel-aware first estimate is what lets one network handle any B0 direction and voxel size:
+``l2`` (closed-form Tikhonov/gradient-regularised inversion) and ``tkd`` are computed with each
+sample's **own** ``b0_dir`` and ``voxel_size_mm``, so the streaks and cone artefacts the network
+has to remove are already expressed on the sample's grid, and the network only learns the
+correction.
+
+All channels are multiplied by one fixed ``scale`` (ppm -> network units) so that typical values
+are O(1): local fields are a few 0.01 ppm and susceptibilities a few 0.1 ppm, so the default
+``scale = 10`` brings both to roughly [-1, 1]. The scale is part of the model config and is
+stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from qsmnet.transforms.inversion import DEFAULT_INVERSION_PAD, closed_form_l2, tkd
+
+CHANNELS = ("local_field", "tkd", "l2", "mask")
+ESTIMATES = ("tkd", "l2")
+
+
+def as_batch_geometry(v, batch: int, name: str, device, dtype=torch.float64) -> torch.Tensor:
+    """``(3,)`` or ``(B, 3)`` -> ``(B, 3)`` tensor (the shared geometry layout)."""
+    t = torch.as_tensor(v, dtype=dtype, device=device)
+    if t.ndim == 1:
+        t = t.reshape(1, 3).expand(batch, 3)
+    if t.shape != (batch, 3):
+        raise ValueError(f"{name} must be (3,) or ({batch}, 3), got {tuple(t.shape)}")
+    return t
+
+
+class InputBuilder(nn.Module):
+    """Builds ``(B, C, X, Y, Z)`` network input from field, mask and geometry.
+
+    Parameters
+    ----------
+    channels : sequence of {"local_field", "tkd", "l2", "mask"}
+        Channel order of the network input. ``l2`` and ``tkd`` use the sample's own B0 direction
+        and voxel size.
+    scale : float
+        Fixed multiplier ppm -> network units for the field and chi channels.
+    l2_alpha : float
+        Regularisation weight (mm^2) of the closed-form L2 estimate.
+    tkd_threshold : float
+        Truncation threshold of the TKD estimate.
+    pad : int | "auto" | None
+        Zero padding (voxels per side around the mask's bounding box) of the k-space solvers,
+        see :func:`qsmnet.transforms.inversion.tkd`; default that module's default.
+    """
+
+    def __init__(self, channels: Sequence[str] = ("local_field", "l2", "mask"), scale: float = 10.0,
+                 l2_alpha: float = 0.02, tkd_threshold: float = 0.15,
+                 pad: str | int | None = DEFAULT_INVERSION_PAD) -> None:
+        super().__init__()
+        channels = tuple(str(c) for c in channels)
+        unknown = [c for c in channels if c not in CHANNELS]
+        if unknown or not channels:
+            raise ValueError(f"unknown input channels {unknown}; choose from {CHANNELS}")
+        if len(set(channels)) != len(channels):
+            raise ValueError(f"duplicate input channels in {channels}")
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.channels = channels
+        self.scale = float(scale)
+        self.l2_alpha = float(l2_alpha)
+        self.tkd_threshold = float(tkd_threshold)
+        self.pad = pad
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channels)
+
+    def estimate(self, name: str, field: torch.Tensor, mask: torch.Tensor, voxel_size_mm: torch.Tensor,
+                 b0_dir: torch.Tensor) -> torch.Tensor:
+        """A classical first estimate (ppm, referenced to the mask mean) with per-sample geometry."""
+        if name == "l2":
+            return closed_form_l2(field, mask, voxel_size_mm, b0_dir, alpha=self.l2_alpha, pad=self.pad)
+        if name == "tkd":
+            return tkd(field, mask, voxel_size_mm, b0_dir, threshold=self.tkd_threshold, pad=self.pad)
+        raise ValueError(f"unknown estimate {name!r}; choose from {ESTIMATES}")
+
+    def forward(self, local_field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm, b0_dir,
+                extra: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(x, estimates)``.
+
+        ``x`` is ``(B, C, X, Y, Z)`` in network units; ``estimates`` maps each computed first
+        estimate (``"l2"``, ``"tkd"``; those in ``channels`` plus those named in ``extra``) to a
+        ``(B, 1, X, Y, Z)`` tensor in ppm.
+        """
+        if local_field_ppm.ndim != 5 or local_field_ppm.shape[1] != 1:
+            raise ValueError(f"local_field_ppm must be (B, 1, X, Y, Z), got {tuple(local_field_ppm.shape)}")
+        batch = local_field_ppm.shape[0]
+        dev = local_field_ppm.device
+        vs = as_batch_geometry(voxel_size_mm, batch, "voxel_size_mm", dev)
+        bd = as_batch_geometry(b0_dir, batch, "b0_dir", dev)
+        m = mask.to(local_field_ppm.dtype).reshape(local_field_ppm.shape)
+        field = local_field_ppm * m
+        estimates: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name in ESTIMATES:
+                if name in self.channels or name in extra:
+                    estimates[name] = self.estimate(name, field.detach(), m, vs, bd)
+        parts = []
+        for c in self.channels:
+            if c == "local_field":
+                parts.append(field * self.scale)
+            elif c == "mask":
+                parts.append(m)
+            else:
+                parts.append(estimates[c] * self.scale)
+        return torch.cat(parts, dim=1), estimates
+
+    def extra_repr(self) -> str:
+        return (f"channels={list(self.channels)}, scale={self.scale}, l2_alpha={self.l2_alpha}, "
+                f"tkd_threshold={self.tkd_threshold}, pad={self.pad!r}")

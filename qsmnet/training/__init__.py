@@ -1,0 +1,14 @@
+"""Training: LightningModule, callbacks, metrics and the Hydra entry point.
+
+* :class:`~qsmnet.training.module.QSMLitModule` - network + :class:`qsmnet.losses.QSMLoss`,
+  QSM-CI validation metrics and the TKD baseline.
+* :func:`~qsmnet.training.train.train` - ``train(cfg)`` used by ``scripts/train.py``.
+* :mod:`~qsmnet.training.callbacks` - ``PeriodicCheckpoint``, ``ValidationSummary``.
+* ``qsmnet.training.datamodule.SimulatedQSMDataModule`` - simulated training data.
+"""
+
+from qsmnet.training.callbacks import PeriodicCheckpoint, ValidationSummary
+from qsmnet.training.module import QSMLitModule
+from qsmnet.training.train import train
+
+__all__ = ["PeriodicCheckpoint", "QSMLitModule", "ValidationSummary", "train"]

@@ -1,0 +1,140 @@
+"""``train(cfg)``: build everything from the Hydra config, fit, return the monitored metric.
+
+``scripts/train.py`` is a thin ``@hydra.main`` wrapper around :func:`train`. The config tree is
+``configs/train.yaml`` (see ``docs/training.md``):
+
+* ``data`` - a LightningDataModule (``_target_``),
+* ``module`` - :class:`qsmnet.training.module.QSMLitModule` whose ``net``, ``loss``,
+  ``optimizer`` and ``scheduler`` interpolate the ``model``, ``loss`` and ``optim`` groups,
+* ``trainer``, ``callbacks`` (dict of ``_target_`` nodes), ``logger`` (dict of ``_target_`` nodes),
+* ``paths``, ``seed``, ``ckpt_path``, ``task_name``, ``optimized_metric``.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+def _hydra_output_dir() -> str | None:
+    """The output dir of the running Hydra job (run dir or multirun sub-dir), if any."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return HydraConfig.get().runtime.output_dir
+    except (ImportError, ValueError):  # pragma: no cover - hydra-core is a dependency
+        return None
+    return None
+
+
+def instantiate_dict(nodes: Mapping[str, Any] | None, kind: str) -> list[Any]:
+    """Instantiate every ``_target_`` node of a dict config (``None`` entries are skipped)."""
+    out: list[Any] = []
+    if not nodes:
+        return out
+    if not isinstance(nodes, Mapping | DictConfig):
+        raise TypeError(f"{kind} config must be a dict of _target_ nodes, got {type(nodes).__name__}")
+    for name, node in nodes.items():
+        if node is None:
+            continue
+        if not isinstance(node, Mapping | DictConfig) or "_target_" not in node:
+            raise ValueError(f"{kind}.{name} must be a node with a _target_")
+        out.append(hydra.utils.instantiate(node))
+    return out
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path``: None (fresh run), a file, or ``"last"``.
+
+    ``"last"`` resumes from ``${paths.output_dir}/checkpoints/last.ckpt``; when this run's output
+    dir has none (a new timestamped dir), it falls back to the newest ``last.ckpt`` of an earlier
+    run of the same task under ``${paths.log_dir}/${task_name}/runs/``.
+    """
+    ckpt = cfg.get("ckpt_path")
+    if ckpt in (None, "", "null"):
+        return None
+    if str(ckpt) == "last":
+        own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if own.is_file():
+            return str(own)
+        pattern = os.path.join(str(cfg.paths.log_dir), str(cfg.task_name), "runs", "*", "checkpoints",
+                               "last.ckpt")
+        found = sorted(glob.glob(pattern), key=os.path.getmtime)
+        if not found:
+            raise FileNotFoundError(f"ckpt_path=last: no {own} and no earlier run matching {pattern}; "
+                                    f"pass paths.output_dir=<run dir> or ckpt_path=<file>")
+        log.info("ckpt_path=last: %s has no checkpoint; resuming from the newest run: %s", own, found[-1])
+        return found[-1]
+    path = Path(str(ckpt))
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path: no such checkpoint file: {path}")
+    return str(path)
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate datamodule, LightningModule, callbacks, loggers and trainer from ``cfg``."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.module)
+    callbacks = instantiate_dict(cfg.get("callbacks"), "callbacks")
+    loggers = instantiate_dict(cfg.get("logger"), "logger")
+    if not loggers:
+        dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+        if dropped:
+            log.info("no logger configured: LearningRateMonitor disabled")
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return {"datamodule": datamodule, "module": module, "callbacks": callbacks, "loggers": loggers,
+            "trainer": trainer}
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Seed, build, fit (resuming from ``ckpt_path``), and return the best ``optimized_metric``.
+
+    The return value is what Hydra sweepers minimise; it is the best monitored score of the
+    checkpoint callback when there is one, else the last logged value, else None.
+    """
+    out_dir = _hydra_output_dir()
+    if out_dir is not None and os.path.abspath(out_dir) != os.path.abspath(str(cfg.paths.output_dir)):
+        # Multirun sub-dirs and DDP child processes: the Hydra output dir is the truth.
+        with open_dict(cfg):
+            cfg.paths.output_dir = out_dir
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+
+    parts = build(cfg)
+    trainer: L.Trainer = parts["trainer"]
+    module = parts["module"]
+    if trainer.is_global_zero:
+        for lg in parts["loggers"]:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        n_params = sum(p.numel() for p in module.parameters())
+        log.info("output dir: %s | %d trainable parameters", cfg.paths.output_dir, n_params)
+
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=parts["datamodule"], ckpt_path=ckpt_path)
+
+    metric_name = cfg.get("optimized_metric")
+    if not metric_name:
+        return None
+    for cb in parts["callbacks"]:
+        if getattr(cb, "monitor", None) == metric_name and getattr(cb, "best_model_score", None) is not None:
+            if trainer.is_global_zero:
+                log.info("best %s = %.4g (%s)", metric_name, float(cb.best_model_score), cb.best_model_path)
+            return float(cb.best_model_score)
+    value = trainer.callback_metrics.get(metric_name)
+    return None if value is None else float(value)

@@ -1,0 +1,489 @@
+"""Background-field removal: total field (ppm) -> local (tissue) field (ppm) and its mask.
+
+Every method returns ``(local_field_ppm, mask)`` where ``mask`` is the region on which it
+returns a field (SMV methods erode the input mask by their kernel radius; PDF keeps it). The
+local field is zero outside that mask and referenced to zero mean inside it: a constant is a
+harmonic function, so no background-removal method can tell it from the background (qsm-forward's
+local-field truth is referenced the same way).
+
+Methods
+-------
+* :func:`vsharp` — variable-radius SHARP (Wu 2012), radii in mm, largest first, deconvolution
+  with the largest kernel's truncated inverse.
+* :func:`resharp` — regularised SHARP (Sun & Wilman 2013): Tikhonov-regularised deconvolution of
+  the SMV-filtered field by conjugate gradients.
+* :func:`pdf` — projection onto dipole fields (Liu 2011): least-squares fit of the field inside
+  the mask by dipoles outside it, optional noise weights, CG on the normal equations.
+
+Grid: each sample is cropped to the bounding box of its mask and zero padded (by the largest
+SMV radius, or ``pad`` voxels for PDF) to an FFT-friendly size; spectra use ``rfftn``. The total
+field is multiplied by the mask first, so values outside the mask are never used. Batched input
+``(B, X, Y, Z)`` with per-sample masks and ``(B, 3)`` geometry runs sample by sample.
+
+Erosion is done on counts (``conv(mask, sphere) > n_sphere - 0.5`` with an unnormalised sphere),
+which is exact in float32 for spheres of up to ~10^5 voxels, instead of the usual
+``> 1 - eps`` test whose ``eps`` must be below ``1 / n_sphere`` yet above float32 round-off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from qsmnet.physics.forward import _crop, _pad, pad_amount
+from qsmnet.physics.kernels import dipole_kernel, sphere_mask
+from qsmnet.transforms.base import Transform
+from qsmnet.transforms.inversion import (
+    PadArg,
+    _broadcast_mask,
+    _check_voxel_size,
+    _crop_box,
+    _float_dtype,
+    _map_samples,
+    _mask_bbox,
+    _per_sample_vectors,
+    _prepare_weights,
+    _uncrop_box,
+    conjugate_gradient,
+    reference_to_mask_mean,
+)
+
+Vec3 = Sequence[float] | torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def _check_inputs(field_ppm: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if field_ppm.ndim < 3:
+        raise ValueError(f"field_ppm must be (..., X, Y, Z), got shape {tuple(field_ppm.shape)}")
+    if mask is None:
+        raise ValueError("background-field removal needs a mask")
+    if not bool(torch.all(torch.isfinite(field_ppm[_broadcast_mask(mask, field_ppm)]))):
+        raise ValueError("field_ppm has non-finite values inside the mask")
+    return field_ppm.detach().to(_float_dtype(field_ppm))
+
+
+def _radius_voxels(radius_mm: float, vs: Sequence[float]) -> list[int]:
+    return [int(math.floor(radius_mm / h + 1e-9)) for h in vs]
+
+
+def _padded_crop(f: torch.Tensor, m: torch.Tensor, margin: Sequence[int]):
+    """Mask, crop to the mask bbox, zero pad by ``margin`` (voxels per side, FFT-friendly)."""
+    box = _mask_bbox(m)
+    fc = _crop_box(f * m.to(f.dtype), box)
+    mc = _crop_box(m, box)
+    cshape = tuple(fc.shape)
+    pads = pad_amount(cshape, [int(a) for a in margin])
+    padded = [n + a + b for n, (a, b) in zip(cshape, pads)]
+    return _pad(fc, pads), _pad(mc.to(f.dtype), pads), pads, box, cshape, padded
+
+
+class _SphereSpectra:
+    """Spectra of SMV spheres on one grid: ``S`` (normalised, real) and its erosion test."""
+
+    def __init__(self, shape, vs, dtype, device):
+        self.shape, self.vs, self.dtype, self.device = tuple(shape), vs, dtype, device
+
+    def __call__(self, radius_mm: float) -> tuple[torch.Tensor, float]:
+        """Return ``(S_count, n)``: the rfftn of the unnormalised sphere (real part) and its
+        voxel count; ``S = S_count / n``."""
+        s = sphere_mask(self.shape, self.vs, radius_mm, device=self.device)
+        n = float(s.sum())
+        spec = torch.fft.rfftn(s.to(self.dtype)).real
+        return spec, n
+
+
+def _erode(mask_spec: torch.Tensor, s_count: torch.Tensor, n: float, shape) -> torch.Tensor:
+    """Voxels whose whole sphere lies in the mask: ``conv(mask, sphere) > n - 0.5``."""
+    return torch.fft.irfftn(mask_spec * s_count, s=tuple(shape)) > (n - 0.5)
+
+
+def _default_radii(vs: Sequence[float], max_radius_mm: float, min_radius_mm: float | None,
+                   step_mm: float | None) -> list[float]:
+    step = max(vs) if step_mm is None else float(step_mm)
+    rmin = 2.0 * max(vs) if min_radius_mm is None else float(min_radius_mm)
+    if step <= 0 or rmin <= 0 or max_radius_mm < rmin:
+        raise ValueError(f"need 0 < min_radius_mm <= max_radius_mm and step_mm > 0, got "
+                         f"{rmin}, {max_radius_mm}, {step}")
+    n = int(math.floor((float(max_radius_mm) - rmin) / step + 1e-9)) + 1
+    return [round(float(max_radius_mm) - i * step, 9) for i in range(n)]
+
+
+def _finish(local: torch.Tensor, out_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference_to_mask_mean(local, out_mask), out_mask
+
+
+# --------------------------------------------------------------------------------------------
+# V-SHARP
+# --------------------------------------------------------------------------------------------
+
+def _vsharp_single(f, m, vs, radii, threshold):
+    _check_voxel_size(vs)
+    full = tuple(f.shape)
+    margin = _radius_voxels(max(radii), vs)
+    fp, mp, pads, box, cshape, padded = _padded_crop(f, m, [a + 1 for a in margin])
+    spheres = _SphereSpectra(padded, vs, fp.dtype, fp.device)
+    s = tuple(padded)
+    f_spec = torch.fft.rfftn(fp)
+    m_spec = torch.fft.rfftn(mp)
+    out = torch.zeros_like(fp)
+    filled = torch.zeros(s, dtype=torch.bool, device=fp.device)
+    inv = None
+    for r in radii:
+        s_count, n = spheres(r)
+        ero = _erode(m_spec, s_count, n, s)
+        hp_kernel = 1.0 - s_count / n              # the SMV high-pass (delta - S), real
+        if inv is None:
+            inv = torch.where(hp_kernel.abs() >= threshold,
+                              1.0 / torch.where(hp_kernel == 0, torch.ones_like(hp_kernel),
+                                                hp_kernel),
+                              torch.zeros_like(hp_kernel))
+        new = ero & ~filled
+        if bool(new.any()):
+            hp = torch.fft.irfftn(f_spec * hp_kernel, s=s)
+            out = torch.where(new, hp, out)
+            filled |= ero
+    local = torch.fft.irfftn(torch.fft.rfftn(out) * inv, s=s) * filled.to(fp.dtype)
+    local = _uncrop_box(_crop(local, pads, cshape), box, full)
+    out_mask = _uncrop_box(_crop(filled, pads, cshape), box, full)
+    return local, out_mask
+
+
+def vsharp(field_ppm: torch.Tensor, mask: torch.Tensor,
+           voxel_size_mm: Vec3 = (1.0, 1.0, 1.0), radii_mm: Sequence[float] | None = None,
+           threshold: float = 0.05, max_radius_mm: float = 12.0,
+           min_radius_mm: float | None = None,
+           step_mm: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-radius SHARP background removal (V-SHARP).
+
+    For each radius ``r`` (mm, largest first) the mask eroded by a sphere of radius ``r`` is
+    ``M_r = {x : sphere_r(x) inside the mask}``; voxels of ``M_r`` not yet filled by a larger
+    radius take the SMV high-pass ``(delta - S_r) * f`` (harmonic background cancels there by the
+    mean-value property). The combined high-passed field is deconvolved with the *largest*
+    kernel's truncated inverse, ``1 / (1 - S_rmax)`` where ``|1 - S_rmax| >= threshold``, else 0,
+    and masked by ``M_rmin``.
+
+    Parameters
+    ----------
+    field_ppm : (..., X, Y, Z) tensor
+        Total (unwrapped) field, ppm.
+    mask : (X, Y, Z) or (B, X, Y, Z) bool tensor
+        Brain mask; the field outside it is ignored.
+    voxel_size_mm : (3,) or (B, 3)
+        Voxel size, mm; spheres are built on the physical grid (ellipsoids in voxels).
+    radii_mm : sequence of float, optional
+        Radii in mm (sorted largest first here). Default: ``max_radius_mm`` down to
+        ``min_radius_mm`` in steps of ``step_mm``.
+    threshold : float
+        Truncation of the deconvolution (Wu 2012, QSM.jl, QSM.rs: 0.05).
+    max_radius_mm : float
+        Largest radius (12 mm, STI Suite / QSM.rs).
+    min_radius_mm : float, optional
+        Smallest radius; default two voxels (twice the largest voxel dimension). On the head
+        phantoms 2 voxels gave lower local-field NRMSE than 1 voxel (axial 1 mm: 89.5 vs 94.6 %)
+        for 5 % less mask.
+    step_mm : float, optional
+        Radius step; default the largest voxel dimension (1 mm iso: 12, 11, ..., 2;
+        1x1x2 mm: 12, 10, ..., 4).
+
+    Returns
+    -------
+    local_field_ppm : (..., X, Y, Z) tensor
+        Local field in ppm on the returned mask (zero mean there), 0 elsewhere.
+    mask : (..., X, Y, Z) bool tensor
+        The mask eroded by the smallest radius.
+
+    References
+    ----------
+    Schweser F. et al., NeuroImage 54:2789 (2011) (SHARP); Wu B. et al., MRM 67:137 (2012)
+    (V-SHARP); Li W. et al., NeuroImage 55:1645 (2011).
+    """
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    x = _check_inputs(field_ppm, mask)
+    lead = tuple(x.shape[:-3])
+    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+
+    def one(f, m, vs, _extra):
+        if radii_mm is None:
+            radii = _default_radii(vs, max_radius_mm, min_radius_mm, step_mm)
+        else:
+            radii = sorted((float(r) for r in radii_mm), reverse=True)
+            if not radii or radii[-1] <= 0:
+                raise ValueError(f"radii_mm must be positive, got {radii_mm!r}")
+        return _vsharp_single(f, m, vs, radii, threshold)
+
+    with torch.no_grad():
+        local, out_mask = _map_samples(one, x, mask, vss)
+    return _finish(local, out_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# RESHARP
+# --------------------------------------------------------------------------------------------
+
+def _resharp_single(f, m, vs, radius_mm, lam, max_iter, tol):
+    _check_voxel_size(vs)
+    full = tuple(f.shape)
+    margin = _radius_voxels(radius_mm, vs)
+    fp, mp, pads, box, cshape, padded = _padded_crop(f, m, [a + 1 for a in margin])
+    s = tuple(padded)
+    s_count, n = _SphereSpectra(padded, vs, fp.dtype, fp.device)(radius_mm)
+    ero = _erode(torch.fft.rfftn(mp), s_count, n, s)
+    erof = ero.to(fp.dtype)
+    c = 1.0 - s_count / n
+
+    def hp(a):
+        return torch.fft.irfftn(torch.fft.rfftn(a) * c, s=s)
+
+    rhs = hp(hp(fp) * erof)
+
+    def normal(a):
+        return hp(hp(a) * erof).add_(a, alpha=lam)
+
+    x, _, _ = conjugate_gradient(normal, rhs, max_iter=max_iter, tol=tol)
+    local = _uncrop_box(_crop(x * erof, pads, cshape), box, full)
+    out_mask = _uncrop_box(_crop(ero, pads, cshape), box, full)
+    return local, out_mask
+
+
+def resharp(field_ppm: torch.Tensor, mask: torch.Tensor,
+            voxel_size_mm: Vec3 = (1.0, 1.0, 1.0), radius_mm: float = 6.0, lam: float = 1e-3,
+            max_iter: int = 50, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regularised SHARP (RESHARP) background removal.
+
+    With the SMV high-pass ``C = delta - S_r`` and the mask ``M_r`` eroded by radius ``r``, the
+    local field minimises ``||M_r C (x - f)||^2 + lam ||x||^2``: the harmonic background is
+    cancelled by ``C`` inside ``M_r`` and the Tikhonov term picks the smallest field that
+    explains the high-passed data. Solved by conjugate gradients on
+    ``(C^T M_r C + lam I) x = C^T M_r C f``; returned on ``M_r``.
+
+    Parameters
+    ----------
+    field_ppm : (..., X, Y, Z) tensor
+        Total field, ppm.
+    mask : (X, Y, Z) or (B, X, Y, Z) bool tensor
+        Brain mask.
+    voxel_size_mm : (3,) or (B, 3)
+        Voxel size, mm.
+    radius_mm : float
+        SMV radius, mm. Default 6 mm (as QSM.rs and MEDI; the original default is 3 mm): on the
+        head phantoms the local-field error falls steeply with the radius (axial 1 mm: 2 mm
+        52 %, 3 mm 42 %, 4 mm 32 %, 6 mm 19 %) while the returned mask shrinks (90, 84, 80, 70 %).
+    lam : float
+        Tikhonov weight (dimensionless; 1e-4 original, 1e-2 MEDI). Default 1e-3, the best mean
+        over the axial 1 mm and 1x1x2 mm phantoms at 6 mm (1e-4: 18.0 / 60.7 %, 1e-3: 19.0 /
+        36.2 %, 1e-2: 26.9 / 33.6 %).
+    max_iter : int
+        CG iterations (fixed budget).
+    tol : float
+        CG relative residual tolerance.
+
+    Returns
+    -------
+    local_field_ppm, mask : as :func:`vsharp` (mask eroded by ``radius_mm``).
+
+    References
+    ----------
+    Sun H., Wilman A. H., MRM 71:1151 (2014) (RESHARP).
+    """
+    if radius_mm <= 0:
+        raise ValueError(f"radius_mm must be positive, got {radius_mm}")
+    if lam <= 0:
+        raise ValueError(f"lam must be positive, got {lam}")
+    x = _check_inputs(field_ppm, mask)
+    lead = tuple(x.shape[:-3])
+    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+
+    def one(f, m, vs, _extra):
+        return _resharp_single(f, m, vs, radius_mm, lam, max_iter, tol)
+
+    with torch.no_grad():
+        local, out_mask = _map_samples(one, x, mask, vss)
+    return _finish(local, out_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# PDF
+# --------------------------------------------------------------------------------------------
+
+def _pdf_single(f, m, vs, b0, w, pad, max_iter, tol):
+    _check_voxel_size(vs)
+    full = tuple(f.shape)
+    margin = [int(pad)] * 3 if isinstance(pad, int) else [int(p) for p in pad]
+    fp, mp, pads, box, cshape, padded = _padded_crop(f, m, margin)
+    s = tuple(padded)
+    d = dipole_kernel(padded, vs, b0, half=True, dtype=fp.dtype, device=fp.device)
+    outside = 1.0 - mp
+    if w is None:
+        w2 = mp
+    else:
+        wp = _pad(_crop_box(w, box), pads) * mp
+        w2 = wp * wp
+
+    def dip(a):
+        return torch.fft.irfftn(torch.fft.rfftn(a) * d, s=s)
+
+    rhs = dip(w2 * fp) * outside
+
+    def normal(a):
+        return dip(w2 * dip(a * outside)) * outside
+
+    x, _, _ = conjugate_gradient(normal, rhs, max_iter=max_iter, tol=tol)
+    local = (fp - dip(x * outside)) * mp
+    local = _uncrop_box(_crop(local, pads, cshape), box, full)
+    return local, m.clone()
+
+
+def pdf(field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm: Vec3 = (1.0, 1.0, 1.0),
+        b0_dir: Vec3 = (0.0, 0.0, 1.0), weights: torch.Tensor | None = None, pad: PadArg = 24,
+        max_iter: int = 40, tol: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projection onto dipole fields (PDF) background removal.
+
+    The background is modelled as the field of sources outside the mask (within the padded
+    box): ``min_x ||W (f - M D (Mbar x))||^2`` with ``Mbar = 1 - M``, solved by conjugate
+    gradients on the normal equations ``Mbar D W^2 D Mbar x = Mbar D W^2 f``; the local field
+    is ``M (f - D Mbar x)``. ``D`` is the k-space dipole kernel (``D(0) = 0``) for the given,
+    possibly oblique, B0 direction and anisotropic voxels, on the mask's bounding box zero padded
+    by ``pad`` voxels per side.
+
+    Parameters
+    ----------
+    field_ppm : (..., X, Y, Z) tensor
+        Total field, ppm.
+    mask : (X, Y, Z) or (B, X, Y, Z) bool tensor
+        Brain mask (also the returned mask: PDF does not erode).
+    voxel_size_mm, b0_dir : (3,) or (B, 3)
+        Voxel size (mm) and B0 direction in array axes.
+    weights : (X, Y, Z) or (B, X, Y, Z) tensor, optional
+        Noise weights ``W`` (e.g. magnitude, or 1 / field noise std; normalised to a maximum of 1
+        in the mask); default uniform. One more axis than the field: per-echo weights, combined
+        by root mean square.
+    pad : int or (3,) ints
+        Padding around the mask bounding box, voxels per side: the room for background dipoles
+        beyond the field of view and against wrap-around (MEDI uses 40). On the head phantoms
+        8 to 40 voxels change the error by < 1 % (axial) to 4 % (tilted); 24 is the default.
+    max_iter : int
+        CG iterations (MEDI: 30). Early stopping regularises: on the head phantoms 20, 40 and
+        80 iterations give 45, 47, 48 % (axial) and 54, 51, 50 % (tilted) local-field NRMSE.
+    tol : float
+        CG relative residual tolerance.
+
+    Returns
+    -------
+    local_field_ppm : (..., X, Y, Z) tensor, zero mean in the mask, 0 outside.
+    mask : (..., X, Y, Z) bool tensor, the input mask.
+
+    References
+    ----------
+    Liu T. et al., NMR Biomed. 24:1129 (2011).
+    """
+    if pad is None or isinstance(pad, str):
+        raise ValueError(f"pdf needs an explicit padding in voxels, got {pad!r}")
+    x = _check_inputs(field_ppm, mask)
+    lead = tuple(x.shape[:-3])
+    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+    b0s = _per_sample_vectors(b0_dir, lead, "b0_dir")
+    w = None
+    if weights is not None:
+        w = _prepare_weights(weights, x)
+        mb = _broadcast_mask(mask, x).to(x.dtype)
+        peak = (w * mb).amax(dim=(-3, -2, -1), keepdim=True)
+        w = w / peak.clamp_min(torch.finfo(x.dtype).tiny)
+
+    def one(f, m, vs, b0, wi):
+        return _pdf_single(f, m, vs, b0, wi, pad, max_iter, tol)
+
+    with torch.no_grad():
+        local, out_mask = _map_samples(one, x, mask, vss, b0s, extra=w)
+    return _finish(local, out_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+
+_BFR_KEYS = {"field_ppm": "field_ppm", "mask": "mask", "voxel_size_mm": "voxel_size_mm"}
+
+
+class VSHARP(Transform):
+    """Transform wrapper of :func:`vsharp`.
+
+    Dict keys: field_ppm, mask, voxel_size_mm -> local_field_ppm, mask (the eroded mask
+    replaces the input mask, so a following inversion uses it).
+    """
+
+    input_keys = _BFR_KEYS
+    output_keys = ("local_field_ppm", "mask")
+
+    def __init__(self, radii_mm: Sequence[float] | None = None, threshold: float = 0.05,
+                 max_radius_mm: float = 12.0, min_radius_mm: float | None = None,
+                 step_mm: float | None = None) -> None:
+        self.radii_mm = None if radii_mm is None else [float(r) for r in radii_mm]
+        self.threshold = threshold
+        self.max_radius_mm = max_radius_mm
+        self.min_radius_mm = min_radius_mm
+        self.step_mm = step_mm
+
+    def __call__(self, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0)):
+        return vsharp(field_ppm, mask, voxel_size_mm, radii_mm=self.radii_mm,
+                      threshold=self.threshold, max_radius_mm=self.max_radius_mm,
+                      min_radius_mm=self.min_radius_mm, step_mm=self.step_mm)
+
+    def __repr__(self) -> str:
+        radii = self.radii_mm if self.radii_mm is not None else (
+            f"{self.max_radius_mm}..{self.min_radius_mm or 'max voxel'}")
+        return f"VSHARP(radii_mm={radii}, threshold={self.threshold})"
+
+
+class RESHARP(Transform):
+    """Transform wrapper of :func:`resharp` (keys as :class:`VSHARP`)."""
+
+    input_keys = _BFR_KEYS
+    output_keys = ("local_field_ppm", "mask")
+
+    def __init__(self, radius_mm: float = 6.0, lam: float = 1e-3, max_iter: int = 50,
+                 tol: float = 1e-4) -> None:
+        self.radius_mm = radius_mm
+        self.lam = lam
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def __call__(self, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0)):
+        return resharp(field_ppm, mask, voxel_size_mm, radius_mm=self.radius_mm, lam=self.lam,
+                       max_iter=self.max_iter, tol=self.tol)
+
+    def __repr__(self) -> str:
+        return f"RESHARP(radius_mm={self.radius_mm}, lam={self.lam}, max_iter={self.max_iter})"
+
+
+class PDF(Transform):
+    """Transform wrapper of :func:`pdf`.
+
+    Dict keys: field_ppm, mask, voxel_size_mm, b0_dir (+ ``weights_key`` when given) ->
+    local_field_ppm, mask.
+    """
+
+    output_keys = ("local_field_ppm", "mask")
+
+    def __init__(self, pad: int | Sequence[int] = 24, max_iter: int = 40, tol: float = 1e-3,
+                 weights_key: str | None = None) -> None:
+        self.pad = pad if isinstance(pad, int) else [int(p) for p in pad]
+        self.max_iter = max_iter
+        self.tol = tol
+        self.weights_key = weights_key
+        self.input_keys = dict(_BFR_KEYS, b0_dir="b0_dir")
+        if weights_key is not None:
+            self.input_keys["weights"] = weights_key
+
+    def __call__(self, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
+                 weights=None):
+        return pdf(field_ppm, mask, voxel_size_mm, b0_dir, weights=weights, pad=self.pad,
+                   max_iter=self.max_iter, tol=self.tol)
+
+    def __repr__(self) -> str:
+        return f"PDF(pad={self.pad}, max_iter={self.max_iter}, tol={self.tol})"

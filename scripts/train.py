@@ -1,0 +1,25 @@
+#!/usr/bin/env python
+"""Train a qsmnet model: ``python scripts/train.py [overrides]`` (Hydra; see docs/training.md).
+
+Examples::
+
+    python scripts/train.py                                  # default: CPU, <= 15 min, beats TKD
+    python scripts/train.py experiment=no_dc                 # an ablation
+    python scripts/train.py -m loss.w_dc=0,0.5,1             # a sweep (logs/train/multiruns/...)
+    python scripts/train.py trainer=gpu experiment=shipped   # the released model
+    python scripts/train.py paths.output_dir=RUN ckpt_path=last   # resume a killed run
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from qsmnet.training.train import train
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

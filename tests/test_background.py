@@ -1,0 +1,259 @@
+"""Background-field removal against independent truths.
+
+Truths: the field of the inside sources alone computed with the (separately tested) forward
+model and with ``qsm_forward.generate_field``; erosion against ``scipy.ndimage``; a pure
+background field must vanish. Volumes are at most 64^3 so the file runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from qsmnet.physics import forward_field
+from qsmnet.transforms import PDF, RESHARP, VSHARP, Compose, pdf, resharp, vsharp
+from qsmnet.transforms.background import _default_radii
+
+SHAPE = (56, 60, 52)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small volumes: one intra-op thread is faster, and on a shared 2-core machine OpenMP
+    threads waiting for each other make small ops up to 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ellipsoid(shape, centre, semi, vs=(1.0, 1.0, 1.0)):
+    g = np.meshgrid(*[(np.arange(n) - c) * v for n, c, v in zip(shape, centre, vs)],
+                    indexing="ij")
+    return sum((gi / a) ** 2 for gi, a in zip(g, semi)) <= 1.0
+
+
+@functools.lru_cache(maxsize=8)
+def _phantom(shape=SHAPE, vs=(1.0, 1.0, 1.0), b0=(0.0, 0.0, 1.0)):
+    """Brain-like ellipsoid mask; weak sources well inside; +9 ppm air-like blobs outside.
+
+    Returns mask, inside chi, outside chi, field of the inside sources (the local-field truth)
+    and the total field, all float64 numpy, computed with :func:`forward_field` (cached: callers
+    must not modify them).
+    """
+    c = [(n - 1) / 2 for n in shape]
+    mask = _ellipsoid(shape, c, (21, 23, 19), vs)
+    chi_in = np.zeros(shape)
+    chi_in[_ellipsoid(shape, (c[0] + 3, c[1] - 2, c[2] + 1), (4, 4, 4), vs)] = 0.2
+    chi_in[_ellipsoid(shape, (c[0] - 5, c[1] + 4, c[2] - 2), (3, 5, 3), vs)] = -0.1
+    chi_in[_ellipsoid(shape, (c[0], c[1] + 2, c[2] + 6), (2, 2, 2), vs)] = 0.4
+    chi_in *= mask
+    blobs = (_ellipsoid(shape, (c[0], c[1] + 28, c[2] - 6), (9, 4, 5), vs)
+             | _ellipsoid(shape, (c[0] + 25, c[1] - 8, c[2] - 9), (4, 7, 6), vs))
+    chi_out = np.where(blobs & ~mask, 9.0, 0.0)
+    assert not chi_out[mask].any()
+    f_in = forward_field(torch.tensor(chi_in), vs, b0).numpy()
+    f_tot = forward_field(torch.tensor(chi_in + chi_out), vs, b0).numpy()
+    for a in (mask, chi_in, chi_out, f_in, f_tot):
+        a.setflags(write=False)
+    return mask, chi_in, chi_out, f_in, f_tot
+
+
+def _rel_err(est, truth, m):
+    """Relative error after referencing both to their mean in ``m`` (a constant is harmonic)."""
+    e = est[m] - est[m].mean()
+    t = truth[m] - truth[m].mean()
+    return float(np.linalg.norm(e - t) / np.linalg.norm(t))
+
+
+def _run(method, field, mask, vs=(1.0, 1.0, 1.0), b0=(0.0, 0.0, 1.0), dtype=torch.float32):
+    f = torch.tensor(field, dtype=dtype)
+    m = torch.tensor(mask)
+    if method == "vsharp":
+        out = vsharp(f, m, vs, radii_mm=[6, 5, 4, 3])
+    elif method == "resharp":
+        out = resharp(f, m, vs, radius_mm=4.0)
+    else:
+        out = pdf(f, m, vs, b0, pad=16)
+    return out[0].numpy().astype(np.float64), out[1].numpy()
+
+
+# Relative error of the recovered local field inside the returned mask. It is intrinsic, not
+# convergence: part of the inside-source field is harmonic in the mask and indistinguishable from
+# background (SMV methods lose it at the low frequencies they truncate; PDF fits it with outside
+# dipoles: on the local field alone PDF converges to 0.200 here). Measured on this phantom
+# (float32): V-SHARP(6..3 mm) 0.057, RESHARP(4 mm) 0.146, PDF 0.216 (qsm-forward fields: 0.052,
+# 0.146, 0.229; 1x1x1.5 mm: 0.095, 0.131, 0.216). Bounds leave about 30 % margin.
+TOLERANCE = {"vsharp": 0.08, "resharp": 0.20, "pdf": 0.28}
+TOLERANCE_ANISO = {"vsharp": 0.13, "resharp": 0.18, "pdf": 0.28}
+TOLERANCE_QSM_FORWARD = {"vsharp": 0.08, "resharp": 0.20, "pdf": 0.30}
+
+
+@pytest.mark.parametrize("method", ["vsharp", "resharp", "pdf"])
+def test_recovers_inside_source_field(method):
+    mask, _, _, f_in, f_tot = _phantom()
+    # The background is strong: dropping it is what the methods must do.
+    assert _rel_err(f_tot, f_in, mask) > 3.0
+    local, out_mask = _run(method, f_tot, mask)
+    assert out_mask.sum() > 0.3 * mask.sum()
+    assert not (out_mask & ~mask).any()
+    assert _rel_err(local, f_in, out_mask) < TOLERANCE[method]
+    # Zero outside the returned mask and referenced to zero mean inside it.
+    assert np.all(local[~out_mask] == 0)
+    assert abs(local[out_mask].mean()) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["vsharp", "resharp", "pdf"])
+def test_pure_background_vanishes(method):
+    mask, _, _, f_in, f_tot = _phantom()
+    bg = f_tot - f_in
+    local, out_mask = _run(method, bg, mask)
+    bg_ref = bg[out_mask] - bg[out_mask].mean()
+    # Measured residual: V-SHARP 0.0076, RESHARP 0.0057, PDF 0.0076 of the background.
+    assert np.linalg.norm(local[out_mask]) < 0.015 * np.linalg.norm(bg_ref)
+
+
+def test_pdf_oblique_anisotropic_b0():
+    vs, b0 = (1.0, 1.0, 1.5), (0.3, -0.25, 0.92)
+    mask, _, _, f_in, f_tot = _phantom(shape=(56, 60, 40), vs=vs, b0=b0)
+    local, out_mask = _run("pdf", f_tot, mask, vs, b0)
+    assert np.array_equal(out_mask, mask)
+    assert _rel_err(local, f_in, mask) < TOLERANCE_ANISO["pdf"]
+    # The wrong B0 direction (axial) does clearly worse (measured 0.61): the kernel is used.
+    wrong, _ = _run("pdf", f_tot, mask, vs, (0.0, 0.0, 1.0))
+    assert _rel_err(wrong, f_in, mask) > 2 * _rel_err(local, f_in, mask)
+
+
+@pytest.mark.parametrize("method", ["vsharp", "resharp"])
+def test_smv_methods_anisotropic_voxels(method):
+    vs = (1.0, 1.0, 1.5)
+    mask, _, _, f_in, f_tot = _phantom(shape=(56, 60, 40), vs=vs)
+    local, out_mask = _run(method, f_tot, mask, vs)
+    assert _rel_err(local, f_in, out_mask) < TOLERANCE_ANISO[method]
+
+
+@pytest.mark.parametrize("method", ["vsharp", "resharp", "pdf"])
+def test_against_qsm_forward_field(method):
+    """Fields simulated independently by qsm-forward (D(0) = 1/3, mean in mask removed)."""
+    qsm_forward = pytest.importorskip("qsm_forward")
+    b0 = [0.0, 0.0, 1.0] if method != "pdf" else [0.2, 0.3, 0.93]
+    b0 = list(np.asarray(b0) / np.linalg.norm(b0))
+    mask, chi_in, chi_out, _, _ = _phantom()
+    f_tot = qsm_forward.generate_field(chi_in + chi_out, mask=mask, voxel_size=[1, 1, 1],
+                                       B0_dir=b0)
+    f_in = qsm_forward.generate_field(chi_in, mask=mask, voxel_size=[1, 1, 1], B0_dir=b0)
+    local, out_mask = _run(method, f_tot, mask, (1.0, 1.0, 1.0), tuple(b0))
+    assert _rel_err(local, f_in, out_mask) < TOLERANCE_QSM_FORWARD[method]
+
+
+@pytest.mark.parametrize("radius_mm, vs", [(3.0, (1.0, 1.0, 1.0)), (4.0, (0.8, 1.0, 1.6)),
+                                           (12.0, (1.0, 1.0, 1.0))])
+def test_erosion_matches_scipy(radius_mm, vs):
+    """The SMV erosion (count threshold, float32) equals binary erosion by the same sphere."""
+    shape = (64, 60, 50)
+    c = [(n - 1) / 2 for n in shape]
+    mask = _ellipsoid(shape, c, (28, 26, 30), vs) & ~_ellipsoid(shape, (c[0] + 20, c[1], c[2]),
+                                                                  (6, 6, 6), vs)
+    half = [int(np.floor(radius_mm / h + 1e-9)) for h in vs]
+    g = np.meshgrid(*[np.arange(-k, k + 1) * h for k, h in zip(half, vs)], indexing="ij")
+    ball = sum(gi ** 2 for gi in g) <= radius_mm ** 2 * (1 + 1e-9)
+    truth = ndimage.binary_erosion(mask, structure=ball, border_value=0)
+    field = torch.zeros(shape, dtype=torch.float32)
+    _, out_mask = vsharp(field, torch.tensor(mask), vs, radii_mm=[radius_mm])
+    assert np.array_equal(out_mask.numpy(), truth)
+
+
+def test_default_radii():
+    assert _default_radii((1.0, 1.0, 1.0), 12.0, None, None) == [float(r) for r in range(12, 1, -1)]
+    assert _default_radii((1.0, 1.0, 2.0), 12.0, None, None) == [12.0, 10.0, 8.0, 6.0, 4.0]
+    assert _default_radii((1.0, 1.0, 1.0), 6.0, 1.0, 2.5) == [6.0, 3.5, 1.0]
+
+
+@pytest.mark.parametrize("method", ["vsharp", "resharp", "pdf"])
+def test_batched_per_sample_geometry_equals_single_calls(method):
+    shape = (40, 44, 36)
+    vs = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.2, 1.5]])
+    b0 = torch.tensor([[0.0, 0.0, 1.0], [0.2, 0.1, 0.97]])
+    fields, masks = [], []
+    for i in range(2):
+        m, _, _, _, f = _phantom(shape=shape, vs=tuple(vs[i].tolist()), b0=tuple(b0[i].tolist()))
+        fields.append(torch.tensor(f, dtype=torch.float32))
+        masks.append(torch.tensor(m))
+    f = torch.stack(fields)
+    m = torch.stack(masks)
+    fn = {"vsharp": lambda *a: vsharp(*a[:3], radii_mm=[5, 3]),
+          "resharp": lambda *a: resharp(*a[:3], radius_mm=3.0, max_iter=20),
+          "pdf": lambda *a: pdf(*a, pad=8, max_iter=15)}[method]
+    local, out_mask = fn(f, m, vs, b0)
+    assert local.shape == f.shape and out_mask.shape == f.shape
+    for i in range(2):
+        li, mi = fn(fields[i], masks[i], vs[i], b0[i])
+        assert torch.equal(out_mask[i], mi)
+        torch.testing.assert_close(local[i], li, rtol=0, atol=1e-6)
+
+
+def test_float64_matches_float32():
+    mask, _, _, _, f_tot = _phantom(shape=(40, 44, 36))
+    l32, m32 = _run("vsharp", f_tot, mask, dtype=torch.float32)
+    l64, m64 = _run("vsharp", f_tot, mask, dtype=torch.float64)
+    assert np.array_equal(m32, m64)
+    assert np.abs(l32 - l64).max() < 1e-5 * np.abs(l64).max() + 1e-7
+
+
+def test_pdf_noise_weights_downweight_corrupted_voxels():
+    mask, _, _, f_in, f_tot = _phantom(shape=(48, 52, 44))
+    bad = _ellipsoid(mask.shape, (24, 40, 22), (3, 3, 3)) & mask
+    corrupted = f_tot + np.where(bad, 2.0, 0.0)
+    weights = np.where(bad, 0.0, 1.0)
+    f = torch.tensor(corrupted, dtype=torch.float32)
+    m = torch.tensor(mask)
+    plain, _ = pdf(f, m, (1, 1, 1), (0, 0, 1), pad=16)
+    weighted, _ = pdf(f, m, (1, 1, 1), (0, 0, 1), weights=torch.tensor(weights), pad=16)
+    good = mask & ~ndimage.binary_dilation(bad, iterations=3)
+    err_plain = _rel_err(plain.numpy(), f_in, good)
+    err_w = _rel_err(weighted.numpy(), f_in, good)
+    assert err_w < 0.5 * err_plain
+
+
+def test_transforms_dict_twin_and_compose():
+    mask, _, _, _, f_tot = _phantom(shape=(40, 44, 36))
+    sample = {"field_ppm": torch.tensor(f_tot, dtype=torch.float32), "mask": torch.tensor(mask),
+              "voxel_size_mm": (1.0, 1.0, 1.0), "b0_dir": (0.0, 0.0, 1.0), "other": 1}
+    out = Compose([VSHARP(radii_mm=[5, 3])])(sample)
+    direct, m = vsharp(sample["field_ppm"], sample["mask"], radii_mm=[5, 3])
+    assert torch.equal(out["local_field_ppm"], direct) and torch.equal(out["mask"], m)
+    assert out["other"] == 1 and sample["mask"] is not out["mask"]
+    assert "b0_dir" in PDF().input_keys and "b0_dir" not in VSHARP().input_keys
+    assert PDF(weights_key="magnitude").input_keys["weights"] == "magnitude"
+    out = RESHARP(radius_mm=3.0, max_iter=10).apply(sample)
+    assert out["local_field_ppm"].shape == sample["field_ppm"].shape
+
+
+@pytest.mark.parametrize("name, cls", [("bfr_vsharp", VSHARP), ("bfr_resharp", RESHARP),
+                                       ("bfr_pdf", PDF)])
+def test_hydra_configs_instantiate(name, cls):
+    hydra_utils = pytest.importorskip("hydra.utils")
+    from omegaconf import OmegaConf
+    from pathlib import Path
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "preprocess" / f"{name}.yaml")
+    assert isinstance(hydra_utils.instantiate(cfg), cls)
+
+
+def test_input_errors():
+    f = torch.zeros(16, 16, 16)
+    with pytest.raises(ValueError, match="empty"):
+        vsharp(f, torch.zeros(16, 16, 16, dtype=torch.bool))
+    m = torch.zeros(16, 16, 16, dtype=torch.bool)
+    m[4:12, 4:12, 4:12] = True
+    bad = f.clone()
+    bad[8, 8, 8] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        pdf(bad, m)
+    with pytest.raises(ValueError, match="mask"):
+        resharp(f, torch.ones(8, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="voxel_size"):
+        vsharp(f, m, (1.0, -1.0, 1.0), radii_mm=[2])

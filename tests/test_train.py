@@ -1,0 +1,195 @@
+"""Training runs end to end on CPU: fast_dev_run for every experiment, seeds, logging, resume,
+checkpoint loading, sweeps and DDP (the last two in subprocesses, as a user runs them)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from qsmnet.models import CHECKPOINT_CONFIG_KEY, QSMNet
+from qsmnet.training.train import resolve_ckpt_path, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+# Tiny everything: 16^3 patches, one sample per batch, one validation sample, a narrow U-Net.
+TINY = ["data=simulated_small", "data.patch_size=16", "data.batch_size=1", "data.val_size=1",
+        "data.num_workers=0", "model.unet.features=[4,8,16]", "module.full_metrics=false"]
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[*TINY, f"paths.output_dir={tmp_path}", *overrides])
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _column(rows, key) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_fast_dev_run_default(tmp_path):
+    value = train(_cfg(tmp_path, "debug=fdr"))
+    assert value is not None and math.isfinite(value) and 0 < value < 1000
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_dev_run_experiments(experiment, tmp_path):
+    # the experiment's own model width is kept except where TINY narrows the U-Net
+    value = train(_cfg(tmp_path, f"experiment={experiment}", "debug=fdr"))
+    assert value is not None and math.isfinite(value)
+
+
+def test_same_seed_same_losses(tmp_path):
+    common = ("logger=csv", "trainer.max_steps=3", "trainer.val_check_interval=3",
+              "trainer.log_every_n_steps=1", "callbacks=none")
+    losses = []
+    for run, seed in (("a", 7), ("b", 7), ("c", 8)):
+        train(_cfg(tmp_path / run, f"seed={seed}", "data.seed=${seed}", *common))
+        rows = _read_csv(tmp_path / run / "csv" / "metrics.csv")
+        losses.append(_column(rows, "train/loss"))
+    assert len(losses[0]) == 3
+    assert losses[0] == losses[1]  # bit-identical
+    assert losses[0] != losses[2]
+
+
+def test_logs_metrics_baselines_images_and_checkpoints(tmp_path):
+    value = train(_cfg(tmp_path, "debug=limit", "logger=many", "module.full_metrics=true"))
+    rows = _read_csv(tmp_path / "csv" / "metrics.csv")
+    for key in ("train/loss", "train/sup", "train/dc", "train/grad", "val/loss", "val/nrmse",
+                "val/nrmse_detrended", "val/hfen", "val/xsim", "val/nrmse_tkd", "val/nrmse_l2",
+                "lr-AdamW"):
+        assert _column(rows, key), f"{key} not logged"
+    assert len(_column(rows, "val/nrmse")) == 2  # debug=limit validates at steps 3 and 6
+    assert value == pytest.approx(min(_column(rows, "val/nrmse")), rel=1e-5)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    assert "val/slices" in acc.Tags()["images"]
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "best.ckpt").is_file() and (ckpts / "last.ckpt").is_file()
+    last = _ckpt(ckpts / "last.ckpt")  # loadable with weights_only=True
+    assert last["global_step"] == 6
+    assert last[CHECKPOINT_CONFIG_KEY]["unet"]["features"] == [4, 8, 16]
+
+
+def test_from_checkpoint_rebuilds_the_network(tmp_path):
+    train(_cfg(tmp_path, "debug=limit", "~logger"))
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    net = QSMNet.from_checkpoint(path)
+    state = _ckpt(path)["state_dict"]
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state["net." + k])
+    assert not net.training and net.scale == 10.0
+
+
+def test_resume_continues_step_and_optimizer_state(tmp_path):
+    common = ("~logger", "trainer.val_check_interval=2", "callbacks.last_checkpoint.every_n_train_steps=2")
+    train(_cfg(tmp_path, "trainer.max_steps=4", *common))
+    first = _ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert first["global_step"] == 4
+    adam_steps = {float(s["step"]) for s in first["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {4.0}
+    train(_cfg(tmp_path, "trainer.max_steps=6", "ckpt_path=last", *common))
+    second = _ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert second["global_step"] == 6
+    # Adam's step counters continued from 4 (a fresh optimizer would be at 2)
+    assert {float(s["step"]) for s in second["optimizer_states"][0]["state"].values()} == {6.0}
+
+
+def test_ckpt_path_last_falls_back_to_newest_run(tmp_path):
+    cfg = _cfg(tmp_path / "logs" / "train" / "runs" / "new", "ckpt_path=last",
+               f"paths.log_dir={tmp_path / 'logs'}")
+    with pytest.raises(FileNotFoundError):
+        resolve_ckpt_path(cfg)
+    for i, name in enumerate(("old", "newer")):
+        p = tmp_path / "logs" / "train" / "runs" / name / "checkpoints" / "last.ckpt"
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"x")
+        os.utime(p, (1000 + i, 1000 + i))
+    assert resolve_ckpt_path(cfg).endswith(os.path.join("newer", "checkpoints", "last.ckpt"))
+    explicit = _cfg(tmp_path, f"ckpt_path={tmp_path / 'missing.ckpt'}")
+    with pytest.raises(FileNotFoundError):
+        resolve_ckpt_path(explicit)
+    assert resolve_ckpt_path(_cfg(tmp_path)) is None
+
+
+def _script(*args: str, flags: tuple[str, ...] = (), timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``scripts/train.py [flags] TINY args`` as a user would, from the repository root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *flags, *TINY, *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_multirun_sweep(tmp_path):
+    res = _script("loss.w_dc=0,0.5", "debug=fdr", f"hydra.sweep.dir={tmp_path}", flags=("-m",))
+    assert res.returncode == 0, res.stderr[-3000:]
+    for job, w_dc in (("0", 0.0), ("1", 0.5)):
+        saved = OmegaConf.load(tmp_path / job / ".hydra" / "config.yaml")
+        assert saved.loss.w_dc == w_dc
+        assert (tmp_path / job / "train.log").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_cpu_two_processes(tmp_path):
+    res = _script("trainer=ddp_cpu", "debug=limit", "logger=csv", f"paths.output_dir={tmp_path}",
+                  timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "GLOBAL_RANK: 1" in out or "MEMBER: 2/2" in out
+    last = _ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 6
+    assert _column(_read_csv(tmp_path / "csv" / "metrics.csv"), "val/nrmse")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_from_last(tmp_path):
+    args = [*TINY, "~logger", "trainer.val_check_interval=1000", "callbacks.last_checkpoint.every_n_train_steps=2",
+            f"paths.output_dir={tmp_path}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args, "trainer.max_steps=1000"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.time() + 300
+        step = 0
+        while time.time() < deadline and step < 4:
+            time.sleep(1.0)
+            if last.is_file():
+                try:
+                    step = _ckpt(last)["global_step"]
+                except Exception:  # noqa: BLE001 - being written right now; try again
+                    continue
+        assert step >= 4, "no checkpoint written in time"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _ckpt(last)["global_step"]
+    res = _script(*args[len(TINY):], "ckpt_path=last", f"trainer.max_steps={killed_at + 2}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in (tmp_path / "train.log").read_text()
+    resumed = _ckpt(last)
+    assert resumed["global_step"] == killed_at + 2
+    assert {float(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()} == {killed_at + 2.0}
