@@ -171,7 +171,8 @@ def test_unknown_method_is_a_clear_error(tmp_path, capsys, acquisition):
 @pytest.fixture()
 def tiny_release(tmp_path):
     torch.manual_seed(0)
-    net = QSMNet(unet={"features": [4, 8]}, pad=4)
+    net = QSMNet(channels=["local_field", "l2", "mask"], residual_from="l2",
+                 unet={"features": [4, 8]}, pad=4)
     return save_release(net, tmp_path / "tiny.pt", {"name": "tiny"}), net
 
 
