@@ -92,10 +92,35 @@ def dipole_kernel(shape: Sequence[int], voxel_size: Vec3 = (1.0, 1.0, 1.0),
         bx, by, bz = (float(b[i]) for i in range(3))
     k2 = kx * kx + ky * ky + kz * kz
     k2[..., 0, 0, 0] = 1.0  # avoid 0/0 at DC; D(0) is set below
-    kb = kx * bx + ky * by + kz * bz
-    d = kb.square_().div_(k2).neg_().add_(1.0 / 3.0)
+    d = None
+    # On an even axis the Nyquist frequency -1/(2 dx) stands for +1/(2 dx) too. With an oblique
+    # B0 the cross terms of (k.b)^2 differ between the two, so D would not be even in k on those
+    # planes and strong sources (air, +9 ppm) would ring. Averaging D over the sign of every
+    # Nyquist component makes the kernel exactly real and even; elsewhere nothing changes.
+    flips = [(axis, k) for axis, (n, k) in enumerate(zip(shape, (kx, ky, kz)))
+             if int(n) % 2 == 0 and int(n) > 1]
+    combos = range(1 << len(flips)) if not _axis_aligned(b) else range(1)
+    for combo in combos:
+        ks = [kx, ky, kz]
+        for bit, (axis, k) in enumerate(flips):
+            if combo >> bit & 1:
+                nyq = int(shape[axis]) // 2
+                k = k.clone()
+                idx = [slice(None)] * k.ndim
+                idx[k.ndim - 3 + axis] = nyq
+                k[tuple(idx)] = -k[tuple(idx)]
+                ks[axis] = k
+        kb = ks[0] * bx + ks[1] * by + ks[2] * bz
+        term = kb.square_().div_(k2)
+        d = term if d is None else d.add_(term)
+    d = d.div_(len(combos)).neg_().add_(1.0 / 3.0)
     d[..., 0, 0, 0] = 0.0
     return d
+
+
+def _axis_aligned(b: torch.Tensor) -> bool:
+    """True when every B0 vector has one non-zero component (no cross terms in (k.b)^2)."""
+    return bool(torch.all((b.reshape(-1, 3).abs() > 1e-12).sum(dim=-1) <= 1))
 
 
 def sphere_mask(shape: Sequence[int], voxel_size: Vec3, radius_mm: float,

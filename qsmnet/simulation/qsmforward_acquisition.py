@@ -79,7 +79,8 @@ def simulate_acquisition(phantom: HeadPhantom, b0_dir: Sequence[float] = (0.0, 0
     b0_t : field strength, T.
     te_s : echo times, s.
     peak_snr : peak SNR of the complex noise (``inf`` for none).
-    shim : remove a 2nd-order polynomial fit of the field in the brain (simulated shim).
+    shim : remove a 2nd-order solid-harmonic fit of the field in the brain (an ideal shim, see
+        :func:`harmonic_shim_residual`).
     phase_offset : add qsm-forward's smooth quadratic phase offset phi0.
     seed : noise seed.
     """
@@ -89,8 +90,7 @@ def simulate_acquisition(phantom: HeadPhantom, b0_dir: Sequence[float] = (0.0, 0
     mask = phantom.brain_mask
     total = qf.generate_field(phantom.chi_ppm, mask=mask, voxel_size=vs, B0_dir=list(b0))
     if shim:
-        _, total, _ = qf.generate_shimmed_field(total, mask, order=2)
-        total = total - total[mask].mean()
+        total = harmonic_shim_residual(total, mask, vs)
     chi = phantom.chi_brain_ppm
     local = qf.generate_field(chi, mask=mask, voxel_size=vs, B0_dir=list(b0)) * mask
     phi0 = (qf.generate_phase_offset(phantom.m0, mask, phantom.chi_ppm.shape)
@@ -110,6 +110,29 @@ def simulate_acquisition(phantom: HeadPhantom, b0_dir: Sequence[float] = (0.0, 0
                        voxel_size_mm=tuple(vs), affine=affine, mask=mask.copy(), chi_ppm=chi,
                        local_field_ppm=local, total_field_ppm=total, phase_offset_rad=phi0,
                        seg=phantom.seg)
+
+
+def harmonic_shim_residual(field_ppm: np.ndarray, mask: np.ndarray,
+                           voxel_size_mm: Sequence[float]) -> np.ndarray:
+    """Field left after an ideal 2nd-order shim: the least-squares fit inside ``mask`` of the
+    solid spherical harmonics up to order 2 (1, x, y, z, xy, xz, yz, x^2 - y^2, 2z^2 - x^2 - y^2,
+    in mm) is subtracted, and the result has zero mean in the mask.
+
+    Shim coils produce harmonic fields, so a shim never adds a non-harmonic component inside the
+    brain. (qsm-forward's ``generate_shimmed_field`` fits in voxel-index coordinates, whose
+    ``2z^2 - x^2 - y^2`` is not harmonic on anisotropic grids, which no background removal could
+    then remove; hence this fit in mm.)
+    """
+    axes = [(np.arange(n) - (n - 1) / 2.0) * d for n, d in zip(field_ppm.shape, voxel_size_mm)]
+    x, y, z = (a[mask.nonzero()[i]] / 100.0 for i, a in enumerate(axes))
+    basis = np.stack([np.ones_like(x), x, y, z, x * y, x * z, y * z, x * x - y * y,
+                      2 * z * z - x * x - y * y], axis=1)
+    coef, *_ = np.linalg.lstsq(basis, field_ppm[mask], rcond=None)
+    X, Y, Z = np.meshgrid(*[a / 100.0 for a in axes], indexing="ij", sparse=True)
+    fit = (coef[0] + coef[1] * X + coef[2] * Y + coef[3] * Z + coef[4] * X * Y + coef[5] * X * Z
+           + coef[6] * Y * Z + coef[7] * (X * X - Y * Y) + coef[8] * (2 * Z * Z - X * X - Y * Y))
+    out = field_ppm - fit
+    return out - out[mask].mean()
 
 
 def tilted_b0(tilt_deg: float, azimuth_deg: float = 30.0) -> np.ndarray:
