@@ -32,7 +32,8 @@ def test_every_group_has_options():
     for group in TRAIN_GROUPS:
         assert _options(group), f"configs/{group}/ is empty"
     assert {"cpu", "gpu", "ddp", "ddp_cpu"} <= set(_options("trainer"))
-    assert {"no_dc", "dc_only", "field_only_input", "small_unet", "shipped"} <= set(_options("experiment"))
+    required = {"no_dc", "dc_only", "field_only_input", "l2_residual", "small_unet", "shipped"}
+    assert required <= set(_options("experiment"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in TRAIN_GROUPS for o in _options(g)])
@@ -52,7 +53,7 @@ def test_defaults_and_paths(tmp_path):
     assert cfg.optimized_metric == "val/nrmse"
     assert cfg.data._target_ == "qsmnet.training.datamodule.SimulatedQSMDataModule"
     assert cfg.model._target_ == "qsmnet.models.QSMNet"
-    assert list(cfg.model.channels) == ["local_field", "l2", "mask"] and cfg.model.residual_from == "l2"
+    assert list(cfg.model.channels) == ["local_field", "tkd", "l2", "mask"] and cfg.model.residual_from == "tkd"
     assert cfg.hydra.run.dir == cfg.paths.output_dir
     assert cfg.paths.output_dir.startswith(f"{cfg.paths.log_dir}/train/runs/")
     assert "/train/multiruns/" in cfg.hydra.sweep.dir
@@ -113,6 +114,10 @@ def test_every_experiment_instantiates_its_model(experiment, tmp_path):
         assert net.inputs.channels == ("local_field", "mask") and net.residual_from is None
     if experiment == "small_unet":
         assert net.unet.features == (8, 16, 32)
+    if experiment == "l2_residual":
+        assert net.inputs.channels == ("local_field", "l2", "mask") and net.residual_from == "l2"
+    if experiment == "shipped":
+        assert net.unet.features == (16, 32, 64, 128)
     assert cfg.task_name != "train"  # experiments log to their own folder
 
 

@@ -74,9 +74,11 @@ def test_unet_parameter_count(norm, affine, upsample):
 
 
 def test_default_qsmnet_parameter_count():
-    net = QSMNet()  # features (16, 32, 64, 128), instance norm, 3 input channels
-    assert sum(p.numel() for p in net.parameters()) == _expected_params(3, 1, (16, 32, 64, 128), True)
-    assert sum(p.numel() for p in net.parameters()) == 1_402_833
+    net = QSMNet()  # features (8, 16, 32, 64), instance norm, 4 input channels (field, TKD, L2, mask)
+    assert sum(p.numel() for p in net.parameters()) == _expected_params(4, 1, (8, 16, 32, 64), True)
+    assert sum(p.numel() for p in net.parameters()) == 351_809
+    wide = QSMNet(unet={"features": [16, 32, 64, 128]})  # experiment=shipped
+    assert sum(p.numel() for p in wide.parameters()) == 1_403_265
 
 
 def test_unet_residual_flag_with_zero_init_is_identity():
@@ -116,14 +118,16 @@ def test_input_builder_channels_scale_and_per_sample_geometry():
     assert (x_swapped[:, 2] - x[:, 2]).abs().max() > 0.05
 
 
-def test_qsmnet_zero_init_residual_returns_first_estimate_exactly():
+@pytest.mark.parametrize("base", ["tkd", "l2"])
+def test_qsmnet_zero_init_residual_returns_first_estimate_exactly(base):
     chi, field, mask, vs, b0 = _phantom()
-    net = QSMNet(unet={"features": [4, 8]})
+    net = QSMNet(channels=["local_field", base, "mask"], residual_from=base, unet={"features": [4, 8]})
     out, est = net.predict(field, mask, vs, b0)
-    assert torch.equal(out, est["l2"])
-    l2 = torch.cat([closed_form_l2(field[i:i + 1], mask[i:i + 1], vs[i], b0[i], alpha=0.02, pad=12)
-                    for i in range(2)])
-    torch.testing.assert_close(out, l2, rtol=1e-5, atol=1e-7)
+    assert torch.equal(out, est[base])
+    fn = (lambda f, m, v, b: closed_form_l2(f, m, v, b, alpha=0.02, pad=12)) if base == "l2" else \
+        (lambda f, m, v, b: tkd(f, m, v, b, threshold=0.15, pad=12))
+    ref = torch.cat([fn(field[i:i + 1], mask[i:i + 1], vs[i], b0[i]) for i in range(2)])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
     # once the output layer is non-zero the network adds a correction, still masked and referenced
     with torch.no_grad():
         net.unet.head.bias.fill_(0.3)

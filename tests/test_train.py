@@ -118,6 +118,25 @@ def test_resume_continues_step_and_optimizer_state(tmp_path):
     assert {float(s["step"]) for s in second["optimizer_states"][0]["state"].values()} == {6.0}
 
 
+def test_resume_with_another_architecture_fails_clearly(tmp_path):
+    common = ("~logger", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    train(_cfg(tmp_path, *common))
+    with pytest.raises(ValueError, match=r"model\.channels: checkpoint"):
+        train(_cfg(tmp_path, *common, "ckpt_path=last", "model.channels=[local_field,l2,mask]"))
+
+
+def test_time_cap_stops_training_and_validates_the_final_model(tmp_path):
+    value = train(_cfg(tmp_path, "trainer.max_time=00:00:00:02", "trainer.max_steps=100000",
+                       "trainer.val_check_interval=100000", "logger=csv", "trainer.log_every_n_steps=1"))
+    last = _ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert 0 < last["global_step"] < 100000
+    assert value is not None and math.isfinite(value)
+    # no validation was due during training; the final model was validated after it
+    rows = _read_csv(tmp_path / "csv" / "metrics.csv")
+    assert _column(rows, "val/nrmse") == [pytest.approx(value, rel=1e-5)]
+    assert _column(rows, "val/nrmse_tkd")
+
+
 def test_ckpt_path_last_falls_back_to_newest_run(tmp_path):
     cfg = _cfg(tmp_path / "logs" / "train" / "runs" / "new", "ckpt_path=last",
                f"paths.log_dir={tmp_path / 'logs'}")
@@ -151,8 +170,8 @@ def test_multirun_sweep(tmp_path):
         assert (tmp_path / job / "train.log").is_file()
 
 
-@pytest.mark.slow
 def test_ddp_cpu_two_processes(tmp_path):
+    """Two gloo processes on CPU (about 10 s; mark slow if it ever takes more than 30 s)."""
     res = _script("trainer=ddp_cpu", "debug=limit", "logger=csv", f"paths.output_dir={tmp_path}",
                   timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -30,7 +30,7 @@ from torch import nn
 from qsmnet.losses import QSMLoss
 from qsmnet.models.qsm_net import CHECKPOINT_CONFIG_KEY
 from qsmnet.training.metrics import volume_metrics
-from qsmnet.transforms.inversion import tkd
+from qsmnet.transforms.inversion import DEFAULT_INVERSION_PAD, tkd
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ class QSMLitModule(L.LightningModule):
         self.loss_fn = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        #: global step of the last completed validation (-1: none yet)
+        self.last_validated_step = -1
 
     # -- core -------------------------------------------------------------------------------
     def forward(self, local_field_ppm, mask, voxel_size_mm, b0_dir) -> torch.Tensor:
@@ -123,7 +125,12 @@ class QSMLitModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         _, pred, estimates = self._step(batch, "val")
         chi, field, mask, vs, b0 = self._unpack(batch)
-        base_tkd = tkd(field, mask, vs, b0, threshold=self.hparams.tkd_threshold)
+        inputs = getattr(self.net, "inputs", None)
+        if ("tkd" in estimates and getattr(inputs, "tkd_threshold", None) == self.hparams.tkd_threshold
+                and getattr(inputs, "pad", None) == DEFAULT_INVERSION_PAD):
+            base_tkd = estimates["tkd"]  # the network already computed this exact baseline
+        else:
+            base_tkd = tkd(field, mask, vs, b0, threshold=self.hparams.tkd_threshold)
         pred_np = pred.detach().float().cpu().numpy()[:, 0]
         chi_np = chi.detach().float().cpu().numpy()[:, 0]
         mask_np = mask.detach().float().cpu().numpy()[:, 0]
@@ -142,6 +149,10 @@ class QSMLitModule(L.LightningModule):
             self.log(f"val/{k}", value, batch_size=bs, sync_dist=True, prog_bar=k in ("nrmse", "nrmse_tkd"))
         if batch_idx == 0 and self.hparams.log_images:
             self._log_slices(field[0, 0], base_tkd[0, 0], pred[0, 0], chi[0, 0], mask[0, 0])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer is not None and not self.trainer.sanity_checking:
+            self.last_validated_step = self.global_step
 
     # -- images -----------------------------------------------------------------------------
     def _log_slices(self, field, base_tkd, pred, truth, mask) -> None:

@@ -83,6 +83,25 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def check_resume_config(ckpt_path: str, module: Any) -> None:
+    """Fail early, with the differing keys, when resuming a checkpoint of another architecture."""
+    net = getattr(module, "net", None)
+    if not hasattr(net, "get_config"):
+        return
+    import torch
+
+    from qsmnet.models.qsm_net import CHECKPOINT_CONFIG_KEY
+
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get(CHECKPOINT_CONFIG_KEY)
+    current = net.get_config()
+    if saved is None or saved == current:
+        return
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    details = "; ".join(f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}" for k in diff)
+    raise ValueError(f"cannot resume {ckpt_path}: it was trained with a different model ({details}). "
+                     f"Resume with the run's own overrides (see .hydra/overrides.yaml in its folder).")
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate datamodule, LightningModule, callbacks, loggers and trainer from ``cfg``."""
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -126,7 +145,15 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
+        check_resume_config(ckpt_path, module)
     trainer.fit(module, datamodule=parts["datamodule"], ckpt_path=ckpt_path)
+    if (cfg.get("validate_at_end", True) and not trainer.fast_dev_run and trainer.global_step > 0
+            and getattr(module, "last_validated_step", trainer.global_step) != trainer.global_step
+            and not trainer.interrupted):
+        # Stopped between validations (max_time): score the final model too, so the log and the
+        # returned metrics describe the weights in last.ckpt.
+        log.info("validating the final model (step %d)", trainer.global_step)
+        trainer.validate(module, datamodule=parts["datamodule"], verbose=False)
 
     metric_name = cfg.get("optimized_metric")
     if not metric_name:
