@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 CACHE = ROOT / ".benchmarks"
-INVERSIONS = ("tkd", "l2", "tv", "unet", "unet+dc")
+INVERSIONS = ("tkd", "l2", "tv", "tv_masked", "unet", "unet+dc")
 BFRS = ("pdf", "vsharp", "resharp")
 SIZES = ((64, 64, 64), (128, 128, 96), (160, 192, 160), (256, 256, 176))
 
@@ -94,6 +94,14 @@ def _inverter(name: str):
     from qsmnet.inference.dipole import make_inverter
     from qsmnet.inference.model_store import SHIPPED_MODEL
 
+    if name == "tv_masked":
+        # TV-ADMM whose data term covers the brain only: the strongest classical baseline here.
+        from qsmnet.transforms.inversion import tv_admm
+
+        def tv_masked(f, m, vs, b0):
+            return tv_admm(f, m, tuple(vs), tuple(b0), weights=m.to(f.dtype))
+
+        return tv_masked
     if name.startswith("unet"):
         if not SHIPPED_MODEL.is_file():
             return None
