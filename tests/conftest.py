@@ -180,3 +180,16 @@ def write_qsmci_folder(folder: Path | str, stage: str, te_s: Sequence[float] = (
 def write_qsmci_folder_fixture():
     """Factory, see :func:`write_qsmci_folder`."""
     return write_qsmci_folder
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test on one torch thread, then restore: small volumes gain nothing from threads,
+    and on a shared 2-core machine OpenMP workers spin-waiting for each other make small
+    operations up to 100x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

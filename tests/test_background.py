@@ -21,14 +21,7 @@ from qsmnet.transforms.background import _default_radii
 SHAPE = (56, 60, 52)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small volumes: one intra-op thread is faster, and on a shared 2-core machine OpenMP
-    threads waiting for each other make small ops up to 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _ellipsoid(shape, centre, semi, vs=(1.0, 1.0, 1.0)):

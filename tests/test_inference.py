@@ -23,12 +23,7 @@ from qsmnet.transforms.inversion import closed_form_l2
 pytest.importorskip("qsm_forward")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

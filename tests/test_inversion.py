@@ -25,14 +25,7 @@ from qsmnet.transforms.inversion import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small volumes: one intra-op thread is faster, and on a shared 2-core machine OpenMP
-    threads waiting for each other make small ops up to 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---------------------------------------------------------------------------------------------
 # numpy references (independent of qsmnet.physics)

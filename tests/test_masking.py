@@ -22,14 +22,7 @@ from qsmnet.transforms.masking import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "preprocess"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small volumes gain nothing from threads, and on a shared 2-core machine OpenMP workers
-    spin-wait for each other: run these tests on one thread, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _grid(shape, vs):

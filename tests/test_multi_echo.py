@@ -29,14 +29,7 @@ TE = (0.004, 0.009, 0.014, 0.019)
 B0 = 3.0
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small volumes gain nothing from threads, and on a shared 2-core machine OpenMP workers
-    spin-wait for each other: run these tests on one thread, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _grid(shape, vs, dtype=torch.float64):
