@@ -15,12 +15,7 @@ SMALL = dict(patch_size=16, batch_size=2, steps_per_epoch=2, val_size=3,
              simulator={"shapes_count": (2, 6), "vessels_count": (0, 2)})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _batches(dm, n=None):

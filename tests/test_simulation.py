@@ -14,13 +14,7 @@ from qsmnet.simulation.masks import AIR, SKULL
 from qsmnet.simulation.sampling import make_generator, scalars
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small tensors: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # Oblique and anisotropic by construction, noise-free, all outputs.
