@@ -9,8 +9,9 @@ every JSON present, so sections can be run separately and a killed run resumes w
     independent simulator: :func:`qsmnet.simulation.qsmforward_acquisition.evaluation_set`;
     axial 1 mm, B0 tilted 25 deg, 1x1x2 mm voxels, peak SNR 100, two subjects):
 
-    * dipole stage, true local field given: TKD, closed-form L2, TV-ADMM, the network (unet) and
-      the network with test-time data consistency (unet+dc);
+    * dipole stage, true local field given: TKD, closed-form L2, TV-ADMM (whole-grid and
+      mask-only data term), the network alone (unet-nodc) and as ``--method unet`` runs it, with
+      the test-time data consistency its model card recommends (unet);
     * end to end from wrapped multi-echo phase with the true brain mask: field mapping, then each
       background removal (PDF, V-SHARP, RESHARP), then each inversion.
 
@@ -24,6 +25,14 @@ Usage::
     python scripts/benchmark.py                      # all sections
     python scripts/benchmark.py accuracy --seeds 0   # one section, fewer subjects
     python scripts/benchmark.py render               # only rebuild docs/benchmarks.md
+
+``ablation``
+    A Hydra multirun of ``scripts/train.py`` over the ``experiment/`` configs with the same steps,
+    seed and data (``--ablation-steps``, ``--ablation-patch``), then each run's validation metrics
+    (``metrics.json``) and its best checkpoint scored at the dipole stage on the qsm-forward cases.
+``figures``
+    PNGs under ``docs/figures/``: slices of truth, unet, TV and their errors for one case, and
+    NRMSE against the B0 tilt angle (qsm-forward local fields of the head phantom, 0-90 deg).
 
 Results are cached per case in the JSON files; ``--force`` recomputes.
 """
@@ -44,7 +53,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 CACHE = ROOT / ".benchmarks"
-INVERSIONS = ("tkd", "l2", "tv", "tv_masked", "unet", "unet+dc")
+#: ``unet`` is what ``--method unet`` does (the shipped network with the test-time data
+#: consistency its model card recommends); ``unet-nodc`` the network alone; ``unet+dc`` the
+#: network + 10 CG iterations (used for checkpoints, which carry no recommendation)
+INVERSIONS = ("tkd", "l2", "tv", "tv_masked", "unet-nodc", "unet")
+FIGURES = ROOT / "docs" / "figures"
+ABLATION_EXPERIMENTS = ("baseline", "no_dc", "dc_only", "field_only_input", "small_unet",
+                        "l2_residual")
+#: the project's own simulated test set: seeds disjoint from training (per-step seeds from the
+#: run seed) and from validation (val_seed 1234)
+SIM_TEST_SEEDS = tuple(range(900_001, 900_009))
+SIM_TEST_SHAPE = (80, 80, 80)
+TILTS_DEG = (0.0, 15.0, 30.0, 45.0, 60.0, 90.0)
 BFRS = ("pdf", "vsharp", "resharp")
 SIZES = ((64, 64, 64), (128, 128, 96), (160, 192, 160), (256, 256, 176))
 
@@ -90,7 +110,7 @@ def _eval_set(seeds, scale):
     return out
 
 
-def _inverter(name: str):
+def _inverter(name: str, model: str = "unet"):
     from qsmnet.inference.dipole import make_inverter
     from qsmnet.inference.model_store import SHIPPED_MODEL
 
@@ -103,13 +123,17 @@ def _inverter(name: str):
 
         return tv_masked
     if name.startswith("unet"):
-        if not SHIPPED_MODEL.is_file():
+        if model == "unet" and not SHIPPED_MODEL.is_file():
             return None
-        return make_inverter("unet", refine_iterations=10 if name == "unet+dc" else 0)
+        if name == "unet-nodc":
+            return make_inverter(model, refine_iterations=0)
+        if name == "unet+dc":
+            return make_inverter(model, refine_iterations=10)
+        return make_inverter(model)
     return make_inverter(name)
 
 
-def run_accuracy(seeds, scale, force=False, end_to_end=True) -> dict:
+def run_accuracy(seeds, scale, force=False, end_to_end=True, inversions=INVERSIONS) -> dict:
     import torch
 
     from qsmnet.inference.pipeline import reconstruct
@@ -122,7 +146,7 @@ def run_accuracy(seeds, scale, force=False, end_to_end=True) -> dict:
     res["machine"] = _machine()
     res["eval_set"] = {"simulator": "qsm-forward", "scale": scale, "seeds": list(seeds),
                        "peak_snr": 100, "b0_t": 3.0, "te_s": [0.004, 0.012, 0.020, 0.028]}
-    inverters = {name: _inverter(name) for name in INVERSIONS}
+    inverters = {name: _inverter(name) for name in inversions}
     for case, acq in _eval_set(seeds, scale):
         vs, b0 = acq.voxel_size_mm, tuple(acq.b0_dir)
         mask = torch.from_numpy(acq.mask)
@@ -160,6 +184,160 @@ def run_accuracy(seeds, scale, force=False, end_to_end=True) -> dict:
                 res["end_to_end"][f"{case}/{bfr}/{name}"] = m
                 print(f"end-to-end {case}/{bfr}/{name}: NRMSE {m['nrmse']:.1f} %", flush=True)
                 _save(path, res)
+    res = run_simulated_test(res, inverters)
+    _save(path, res)
+    return res
+
+
+def _sim_test_sample(seed: int):
+    """One sample of the project's own simulated test set (the default training distribution)."""
+    from omegaconf import OmegaConf
+
+    from qsmnet.simulation.simulator import QSMSimulator
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "data" / "simulated.yaml"))
+    return QSMSimulator(cfg["simulator"])(SIM_TEST_SHAPE, seed)
+
+
+def run_simulated_test(res: dict, inverters: dict) -> dict:
+    """Dipole stage on the own-simulator test set (noisy local field, random geometry)."""
+    from qsmnet.metrics import score
+
+    res.setdefault("simulated", {})
+    res["simulated_set"] = {"shape": list(SIM_TEST_SHAPE), "seeds": list(SIM_TEST_SEEDS),
+                            "config": "configs/data/simulated.yaml"}
+    for seed in SIM_TEST_SEEDS:
+        todo = [n for n, inv in inverters.items()
+                if inv is not None and f"sim{seed}/{n}" not in res["simulated"]]
+        if not todo:
+            continue
+        s = _sim_test_sample(seed)
+        vs = tuple(float(v) for v in s["voxel_size_mm"])
+        b0 = tuple(float(v) for v in s["b0_dir"])
+        mask = s["mask"][0] > 0
+        truth = s["chi_ppm"][0].double().numpy()
+        for name in todo:
+            t0 = time.perf_counter()
+            chi = inverters[name](s["local_field_ppm"][0], mask, vs, b0)
+            sec = time.perf_counter() - t0
+            m = score(chi.double().numpy(), truth, mask.numpy(), vs, erode_mm=None)["mask"]
+            m.update(seconds=sec, tilt_deg=float(np.degrees(np.arccos(min(1.0, abs(b0[2]))))),
+                     voxel_size_mm=list(vs), noise_std_ppm=float(s["noise_std_ppm"]))
+            res["simulated"][f"sim{seed}/{name}"] = m
+            print(f"simulated sim{seed}/{name}: NRMSE {m['nrmse']:.1f} %", flush=True)
+    return res
+
+
+def run_ablation(steps: int, seed: int, patch: int, threads: int, force: bool = False) -> dict:
+    """Train every ``experiment/`` config with the same steps, seed and data (one Hydra
+    multirun), then score each run: its validation metrics and, at the dipole stage, its best
+    checkpoint on the qsm-forward cases (seed 0)."""
+    import subprocess
+
+    path = RESULTS / "ablation.json"
+    res = {} if force else _load(path)
+    settings = {"steps": steps, "seed": seed, "patch_size": patch, "batch_size": 2,
+                "val_size": 8}
+    if res.get("settings") != settings:
+        res = {"settings": settings, "runs": {}}
+    sweep = CACHE / "ablation" / f"steps{steps}_seed{seed}_patch{patch}"
+    todo = [e for e in ABLATION_EXPERIMENTS
+            if e not in res["runs"] and not (sweep / e / "metrics.json").is_file()]
+    if todo:
+        cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m",
+               f"experiment={','.join(todo)}", f"seed={seed}", f"data.patch_size={patch}",
+               "data.batch_size=2", "data.num_workers=0", f"data.val_size={settings['val_size']}",
+               f"data.steps_per_epoch={steps}", f"trainer.max_steps={steps}",
+               "trainer.max_time=null", f"trainer.val_check_interval={steps}",
+               f"callbacks.last_checkpoint.every_n_train_steps={steps}",
+               "callbacks.progress_bar.refresh_rate=100", "module.log_images=false",
+               f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.runtime.choices.experiment}"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        print("ablation:", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    from qsmnet.metrics import score
+
+    cases = [(n, a) for n, a in _eval_set((0,), 0.75)]
+    for exp in ABLATION_EXPERIMENTS:
+        if exp in res["runs"] or not (sweep / exp / "metrics.json").is_file():
+            continue
+        summary = json.loads((sweep / exp / "metrics.json").read_text())
+        ckpt = sweep / exp / "checkpoints" / "best.ckpt"
+        row = {"global_step": summary["global_step"],
+               **{k.split("/", 1)[1]: v for k, v in summary["last"].items()
+                  if k.startswith("val/")}}
+        import torch
+
+        for name in ("unet-nodc", "unet+dc"):
+            inv = _inverter(name, str(ckpt))
+            for case, acq in cases:
+                chi = inv(torch.from_numpy(acq.local_field_ppm.astype(np.float32)),
+                          torch.from_numpy(acq.mask), acq.voxel_size_mm, tuple(acq.b0_dir))
+                m = score(chi.numpy(), acq.chi_ppm, acq.mask, acq.voxel_size_mm,
+                          erode_mm=None)["mask"]
+                row[f"qsmforward/{case.rsplit('_s', 1)[0]}/{name}"] = m["nrmse"]
+        res["runs"][exp] = row
+        print(f"ablation {exp}: val NRMSE {row.get('nrmse', float('nan')):.1f} %", flush=True)
+        _save(path, res)
+    return res
+
+
+def _tilt_cases(tilts, scale=0.75, seed=0):
+    """Local fields of the head phantom for B0 tilted by each angle (qsm-forward's kernel)."""
+    import qsm_forward
+
+    from qsmnet.simulation.head_phantom import head_phantom
+    from qsmnet.simulation.qsmforward_acquisition import tilted_b0
+
+    ph = head_phantom(voxel_size_mm=(1.0, 1.0, 1.0), seed=seed, scale=scale)
+    m = ph.brain_mask
+    for tilt in tilts:
+        b0 = tilted_b0(tilt)
+        local = qsm_forward.generate_field(ph.chi_brain_ppm, mask=m, voxel_size=[1.0, 1.0, 1.0],
+                                           B0_dir=list(b0)) * m
+        yield tilt, tuple(float(b) for b in b0), local, ph.chi_brain_ppm, m
+
+
+def run_figures(force: bool = False) -> dict:
+    """The slice comparison (axial 1 mm case) and NRMSE against tilt; numbers in tilt.json."""
+    import torch
+
+    from qsmnet.metrics import score
+    from qsmnet.metrics.figures import comparison_figure, metric_vs_tilt_figure
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    methods = [n for n in ("tkd", "tv", "tv_masked", "unet-nodc", "unet") if _inverter(n)]
+    inverters = {n: _inverter(n) for n in methods}
+    name, acq = _eval_set((0,), 0.75)[0]
+    local = torch.from_numpy(acq.local_field_ppm.astype(np.float32))
+    mask = torch.from_numpy(acq.mask)
+    preds, nrmse = {}, {}
+    for n in ("unet", "tv_masked", "tv"):
+        if n in inverters:
+            chi = inverters[n](local, mask, acq.voxel_size_mm, tuple(acq.b0_dir)).numpy()
+            preds[n] = chi
+            nrmse[n] = score(chi, acq.chi_ppm, acq.mask, acq.voxel_size_mm, erode_mm=None)["mask"]["nrmse"]
+    comparison_figure(FIGURES / "slices_axial_1mm.png", acq.chi_ppm, preds, acq.mask,
+                      acq.voxel_size_mm, scores=nrmse,
+                      title=f"{name}: dipole stage, true local field (qsm-forward)")
+    path = RESULTS / "tilt.json"
+    res = {} if force else _load(path)
+    res.setdefault("runs", {})
+    todo = [t for t in TILTS_DEG if any(f"{t:g}/{n}" not in res["runs"] for n in methods)]
+    for tilt, b0, lf, chi_true, m in _tilt_cases(todo):
+        for n in methods:
+            key = f"{tilt:g}/{n}"
+            if key in res["runs"]:
+                continue
+            chi = inverters[n](torch.from_numpy(lf.astype(np.float32)), torch.from_numpy(m),
+                               (1.0, 1.0, 1.0), b0).numpy()
+            res["runs"][key] = score(chi, chi_true, m, (1.0, 1.0, 1.0), erode_mm=None)["mask"]
+            print(f"tilt {key}: NRMSE {res['runs'][key]['nrmse']:.1f} %", flush=True)
+            _save(path, res)
+    curves = {n: [res["runs"][f"{t:g}/{n}"]["nrmse"] for t in TILTS_DEG] for n in methods
+              if all(f"{t:g}/{n}" in res["runs"] for t in TILTS_DEG)}
+    metric_vs_tilt_figure(FIGURES / "nrmse_vs_tilt.png", TILTS_DEG, curves,
+                          title="Head phantom, 1 mm, true local field")
     return res
 
 
@@ -237,10 +415,28 @@ def _mean_by(entries: dict, group) -> dict:
             | {"n": len(ms)} for g, ms in groups.items()}
 
 
+def _growth(runs: dict) -> dict:
+    """Per (device, method): log-log slopes of total seconds and peak memory against voxels."""
+    groups: dict = {}
+    for key, r in runs.items():
+        dev, shape, meth = key.split("/")
+        n = int(np.prod([int(v) for v in shape.split("x")]))
+        groups.setdefault(f"{dev} {meth}", []).append((n, r["seconds_total"], r["peak_rss_mb"]))
+    out = {}
+    for k, pts in groups.items():
+        if len({p[0] for p in pts}) < 3:
+            continue
+        x = np.log([p[0] for p in pts])
+        out[k] = (float(np.polyfit(x, np.log([p[1] for p in pts]), 1)[0]),
+                  float(np.polyfit(x, np.log([p[2] for p in pts]), 1)[0]))
+    return out
+
+
 def render() -> Path:
     """Rebuild docs/benchmarks.md from docs/results/*.json."""
     lines = ["# Benchmarks", "",
-             "Generated by `python scripts/benchmark.py` (sections `accuracy`, `speed`; "
+             "Generated by `python scripts/benchmark.py` (sections `accuracy`, `speed`, `ablation`, "
+             "`figures`; "
              "`render` rebuilds this page). Raw numbers: `docs/results/*.json`. "
              "Metrics are the QSM-CI scorer's (`qsm_ci.qsm_eval`), inside the brain mask; NRMSE, "
              "detrended NRMSE (dNRMSE) and HFEN in %, lower is better; XSIM and correlation (CC), "
@@ -267,6 +463,54 @@ def render() -> Path:
                 for (b, m_), m in sorted(by.items())]
         lines += [_table(rows, ["background removal", "inversion", "NRMSE", "dNRMSE", "HFEN",
                                 "XSIM", "CC", "cases"]), ""]
+    if acc.get("simulated"):
+        lines += ["## Dipole inversion on qsmnet's own simulated test set", "",
+                  f"{len(acc.get('simulated_set', {}).get('seeds', []))} samples of the default "
+                  f"training distribution ({acc.get('simulated_set', {})}): random shapes, "
+                  "vessels, textures, strong sources, B0 tilt up to 60 deg, voxels 0.6-2 mm, "
+                  "field noise from SNR 20-300; seeds disjoint from training and validation.", ""]
+        by = _mean_by(acc["simulated"], lambda k: k.split("/")[1])
+        rows = [[m_, f"{m['nrmse']:.1f}", f"{m['nrmse_detrend']:.1f}", f"{m['hfen']:.1f}",
+                 f"{m['xsim']:.3f}", f"{m['correlation']:.3f}", m["n"]]
+                for m_, m in sorted(by.items())]
+        lines += [_table(rows, ["method", "NRMSE", "dNRMSE", "HFEN", "XSIM", "CC", "samples"]),
+                  ""]
+    abl = _load(RESULTS / "ablation.json")
+    if abl.get("runs"):
+        st = abl.get("settings", {})
+        lines += ["## Ablations (Hydra multirun over `configs/experiment/`)", "",
+                  f"`python scripts/benchmark.py ablation`: every experiment trained with the same "
+                  f"settings {st} (`scripts/train.py -m experiment=...`), CPU. Validation columns: "
+                  "the fixed simulated validation set; qsm-forward columns: dipole-stage NRMSE (%) "
+                  "of the best checkpoint on the head phantom (seed 0), without and with 10 "
+                  "iterations of test-time data consistency (+dc). Short runs: the table ranks "
+                  "design choices at equal budget, not final accuracy.", ""]
+        rows = []
+        for exp, r in abl["runs"].items():
+            def q(case, n, r=r):
+                v = r.get(f"qsmforward/{case}/{n}")
+                return "" if v is None else f"{v:.1f}"
+            rows.append([exp, r.get("global_step", ""), f"{r.get('nrmse', float('nan')):.1f}",
+                         f"{r.get('hfen', float('nan')):.1f}", f"{r.get('xsim', float('nan')):.3f}",
+                         q("axial_1mm", "unet-nodc"), q("axial_1mm", "unet+dc"),
+                         q("tilt25_1mm", "unet+dc"), q("axial_1x1x2mm", "unet+dc")])
+        lines += [_table(rows, ["experiment", "steps", "val NRMSE", "val HFEN", "val XSIM",
+                                "axial", "axial +dc", "tilt 25 +dc", "1x1x2 +dc"]), ""]
+    tilt = _load(RESULTS / "tilt.json")
+    if tilt.get("runs"):
+        lines += ["## Accuracy against B0 tilt", "",
+                  "Head phantom (seed 0, scale 0.75, 1 mm), local field from qsm-forward for B0 "
+                  "tilted by each angle, dipole stage; NRMSE (%) in the brain mask.", "",
+                  "![NRMSE against tilt](figures/nrmse_vs_tilt.png)", ""]
+        methods = sorted({k.split("/", 1)[1] for k in tilt["runs"]})
+        tilts = sorted({float(k.split("/")[0]) for k in tilt["runs"]})
+        rows = [[f"{t:g}"] + [f"{tilt['runs'][f'{t:g}/{n}']['nrmse']:.1f}"
+                              if f"{t:g}/{n}" in tilt["runs"] else "" for n in methods]
+                for t in tilts]
+        lines += [_table(rows, ["tilt (deg)"] + methods), ""]
+    if (FIGURES / "slices_axial_1mm.png").is_file():
+        lines += ["## Example: axial 1 mm case, dipole stage", "",
+                  "![truth, unet, TV and their errors](figures/slices_axial_1mm.png)", ""]
     spd = _load(RESULTS / "speed.json")
     if spd.get("runs"):
         lines += ["## Speed and peak memory, end to end (field mapping + PDF + inversion)", "",
@@ -283,6 +527,12 @@ def render() -> Path:
         lines += [_table(rows, ["device", "volume", "inversion", "mask voxels",
                                 "field map s", "PDF s", "inversion s", "total s",
                                 "peak MB"]), ""]
+        growth = _growth(spd["runs"])
+        if growth:
+            lines += ["How cost grows with volume size (least-squares slope of log cost against "
+                      "log voxel count, over the sizes above; 1.0 = linear): "
+                      + "; ".join(f"{k}: time x^{t:.2f}, peak memory x^{m:.2f}"
+                                  for k, (t, m) in growth.items()) + ".", ""]
     extra = ROOT / "docs" / "benchmarks_notes.md"
     if extra.is_file():
         lines += [extra.read_text()]
@@ -296,26 +546,38 @@ def render() -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("section", nargs="?", default="all",
-                   choices=("all", "accuracy", "speed", "render"))
+                   choices=("all", "accuracy", "speed", "ablation", "figures", "render"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--scale", type=float, default=0.75,
                    help="head size factor of the evaluation phantoms (grid follows)")
     p.add_argument("--no-end-to-end", action="store_true")
+    p.add_argument("--inversions", nargs="+", default=list(INVERSIONS), choices=INVERSIONS,
+                   help="dipole inversions of the accuracy section")
     p.add_argument("--sizes", nargs="+", default=["x".join(map(str, s)) for s in SIZES])
     p.add_argument("--methods", nargs="+", default=["unet", "tv"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="recompute cached results")
+    p.add_argument("--ablation-steps", type=int, default=500)
+    p.add_argument("--ablation-patch", type=int, default=32)
+    p.add_argument("--ablation-seed", type=int, default=7)
     a = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if a.section in ("all", "accuracy"):
         import torch
 
         torch.set_num_threads(a.threads)
-        run_accuracy(a.seeds, a.scale, a.force, not a.no_end_to_end)
+        run_accuracy(a.seeds, a.scale, a.force, not a.no_end_to_end, tuple(a.inversions))
     if a.section in ("all", "speed"):
         sizes = [tuple(int(n) for n in s.split("x")) for s in a.sizes]
         run_speed(sizes, a.methods, a.device, a.threads, a.force)
+    if a.section in ("all", "ablation"):
+        run_ablation(a.ablation_steps, a.ablation_seed, a.ablation_patch, a.threads, a.force)
+    if a.section in ("all", "figures"):
+        import torch
+
+        torch.set_num_threads(a.threads)
+        run_figures(a.force)
     print(render())
     return 0
 

@@ -80,3 +80,33 @@ def test_evaluate_cli_table_and_json(tmp_path, capsys, truth_and_mask):
     save_nifti(tmp_path / "m2.nii.gz", mask[:-1], aff, dtype=np.uint8)
     assert main(["evaluate", args[0], args[1], str(tmp_path / "m2.nii.gz")]) == 2
     assert "m2.nii.gz" in capsys.readouterr().err
+
+
+def test_evaluate_script_matches_the_cli(tmp_path, truth_and_mask):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qsmnet.io import save_nifti
+
+    truth, mask = truth_and_mask
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    save_nifti(tmp_path / "t.nii.gz", truth, aff)
+    save_nifti(tmp_path / "p.nii.gz", truth + 0.5 * np.roll(truth, 1, axis=0), aff)
+    save_nifti(tmp_path / "m.nii.gz", mask, aff, dtype=np.uint8)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
+    args = [str(tmp_path / n) for n in ("p.nii.gz", "t.nii.gz", "m.nii.gz")]
+    res = subprocess.run([sys.executable, str(script), *args, "--json", str(tmp_path / "s.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((tmp_path / "s.json").read_text())["metrics"]
+    pred = np.asarray(truth + 0.5 * np.roll(truth, 1, axis=0), np.float32).astype(np.float64)
+    direct = score(pred, np.asarray(truth, np.float32).astype(np.float64), mask > 0, (1.0, 1.0, 2.0),
+                   erode_mm=3.0)
+    for region in ("mask", "eroded_mask"):
+        for key in ("nrmse", "hfen", "xsim", "correlation"):
+            assert metrics[region][key] == pytest.approx(direct[region][key], rel=1e-5)
+    bad = subprocess.run([sys.executable, str(script), args[0], args[1], str(tmp_path / "none.nii.gz")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "none.nii.gz" in bad.stderr and not (tmp_path / "none.json").exists()

@@ -4,6 +4,7 @@ checkpoint loading, sweeps and DDP (the last two in subprocesses, as a user runs
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -92,6 +93,12 @@ def test_logs_metrics_baselines_images_and_checkpoints(tmp_path):
     last = _ckpt(ckpts / "last.ckpt")  # loadable with weights_only=True
     assert last["global_step"] == 6
     assert last[CHECKPOINT_CONFIG_KEY]["unet"]["features"] == [4, 8, 16]
+    # metrics.json: the run summary sweeps are tabulated from agrees with the CSV log
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["global_step"] == 6
+    assert summary["best"]["value"] == pytest.approx(value, rel=1e-6)
+    assert summary["last"]["val/nrmse"] == pytest.approx(_column(rows, "val/nrmse")[-1], rel=1e-5)
+    assert summary["last"]["val/hfen"] == pytest.approx(_column(rows, "val/hfen")[-1], rel=1e-5)
 
 
 def test_from_checkpoint_rebuilds_the_network(tmp_path):
@@ -168,6 +175,20 @@ def test_multirun_sweep(tmp_path):
         saved = OmegaConf.load(tmp_path / job / ".hydra" / "config.yaml")
         assert saved.loss.w_dc == w_dc
         assert (tmp_path / job / "train.log").is_file()
+
+
+def test_multirun_over_experiments_writes_one_summary_each(tmp_path):
+    """The ablation layout of scripts/benchmark.py: one sub-folder per experiment name."""
+    res = _script("experiment=baseline,no_dc", "debug=limit", "~logger",
+                  f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.runtime.choices.experiment}",
+                  flags=("-m",))
+    assert res.returncode == 0, res.stderr[-3000:]
+    for exp, w_dc in (("baseline", 0.5), ("no_dc", 0.0)):
+        summary = json.loads((tmp_path / exp / "metrics.json").read_text())
+        assert summary["choices"]["experiment"] == exp
+        assert summary["global_step"] == 6
+        saved = OmegaConf.load(tmp_path / exp / ".hydra" / "config.yaml")
+        assert saved.loss.w_dc == w_dc
 
 
 def test_ddp_cpu_two_processes(tmp_path):

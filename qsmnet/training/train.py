@@ -156,12 +156,41 @@ def train(cfg: DictConfig) -> float | None:
         trainer.validate(module, datamodule=parts["datamodule"], verbose=False)
 
     metric_name = cfg.get("optimized_metric")
+    best = None
+    for cb in parts["callbacks"]:
+        if (metric_name and getattr(cb, "monitor", None) == metric_name
+                and getattr(cb, "best_model_score", None) is not None):
+            best = {"value": float(cb.best_model_score), "path": cb.best_model_path}
+            if trainer.is_global_zero:
+                log.info("best %s = %.4g (%s)", metric_name, best["value"], best["path"])
+            break
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        write_run_summary(Path(cfg.paths.output_dir) / "metrics.json", trainer, metric_name, best)
     if not metric_name:
         return None
-    for cb in parts["callbacks"]:
-        if getattr(cb, "monitor", None) == metric_name and getattr(cb, "best_model_score", None) is not None:
-            if trainer.is_global_zero:
-                log.info("best %s = %.4g (%s)", metric_name, float(cb.best_model_score), cb.best_model_path)
-            return float(cb.best_model_score)
+    if best is not None:
+        return best["value"]
     value = trainer.callback_metrics.get(metric_name)
     return None if value is None else float(value)
+
+
+def write_run_summary(path: Path, trainer: L.Trainer, metric_name: str | None,
+                      best: Mapping[str, Any] | None) -> None:
+    """Write ``metrics.json``: the last logged metrics, the best monitored score, the step count
+    and the Hydra choices (e.g. ``experiment``), so sweeps can be tabulated without TensorBoard."""
+    from qsmnet.io.atomic import atomic_write_json
+
+    choices: dict[str, Any] = {}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            choices = {k: v for k, v in HydraConfig.get().runtime.choices.items()
+                       if not k.startswith("hydra/")}
+    except (ImportError, ValueError):  # pragma: no cover - hydra-core is a dependency
+        pass
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if getattr(v, "numel", lambda: 1)() == 1}
+    atomic_write_json(path, {"global_step": int(trainer.global_step), "choices": choices,
+                             "optimized_metric": metric_name, "best": dict(best) if best else None,
+                             "last": metrics})

@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Choose the test-time data-consistency setting of a trained model on simulated validation data.
+
+``NetworkInverter`` can refine the network's answer with a few conjugate-gradient iterations of
+``min ||M (D chi - f)||^2 + w ||chi - chi_net||^2`` (:func:`qsmnet.inference.dipole.dc_refine`).
+This script scores a grid of (iterations, weight) on samples of qsmnet's own simulator -- the
+validation seeds, never the qsm-forward evaluation phantoms, so the setting is not tuned on the
+benchmark -- and prints the table; ``--json`` writes it. Pass the winner to
+``scripts/export_model.py --refine-iterations N --refine-weight W``::
+
+    python scripts/tune_refinement.py logs/run/checkpoints/best.ckpt --samples 8 --shape 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="checkpoint (.ckpt), release file (.pt) or 'unet'")
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--shape", type=int, default=80, help="cube side of the simulated samples")
+    p.add_argument("--seed", type=int, default=1234, help="first seed (validation seeds)")
+    p.add_argument("--iterations", type=int, nargs="+", default=[0, 5, 10, 20, 40])
+    p.add_argument("--weights", type=float, nargs="+", default=[0.01, 0.05, 0.2])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from qsmnet.inference.dipole import make_inverter
+    from qsmnet.metrics import score
+    from qsmnet.simulation.simulator import QSMSimulator
+
+    torch.set_num_threads(a.threads)
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "data" / "simulated.yaml"))
+    sim = QSMSimulator(cfg["simulator"])
+    samples = [sim((a.shape,) * 3, a.seed + i) for i in range(a.samples)]
+    grid = [(0, 0.0)] + [(n, w) for n in a.iterations if n > 0 for w in a.weights]
+    rows = []
+    for n, w in grid:
+        inv = make_inverter(a.model, refine_iterations=n, refine_weight=w or 0.05)
+        vals = []
+        for s in samples:
+            vs = tuple(float(v) for v in s["voxel_size_mm"])
+            b0 = tuple(float(v) for v in s["b0_dir"])
+            m = s["mask"][0] > 0
+            chi = inv(s["local_field_ppm"][0], m, vs, b0)
+            vals.append(score(chi.double().numpy(), s["chi_ppm"][0].double().numpy(), m.numpy(),
+                              vs, erode_mm=None)["mask"])
+        row = {"iterations": n, "weight": w,
+               **{k: float(np.mean([v[k] for v in vals])) for k in ("nrmse", "hfen", "xsim")}}
+        rows.append(row)
+        print(f"iterations {n:3d}  weight {w:5.2f}  NRMSE {row['nrmse']:6.2f} %  "
+              f"HFEN {row['hfen']:6.2f} %  XSIM {row['xsim']:.3f}", flush=True)
+    best = min(rows, key=lambda r: r["nrmse"])
+    print(f"best: --refine-iterations {best['iterations']} --refine-weight {best['weight'] or 0.05}")
+    if a.json:
+        from qsmnet.io.atomic import atomic_write_json
+
+        atomic_write_json(a.json, {"model": a.model, "samples": a.samples, "shape": a.shape,
+                                   "seed": a.seed, "rows": rows, "best": best})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
