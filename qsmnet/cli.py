@@ -75,7 +75,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_method_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="unet", metavar="{unet,tkd,l2,tv}|CKPT",
                    help="reconstruction: the bundled network (unet), a classical baseline "
-                        "(tkd, l2 = closed-form Tikhonov, tv = total variation) or the path of a "
+                        "(tkd, l2 = closed-form Tikhonov, tv = total variation with the data term on "
+                        "the brain mask) or the path of a "
                         "trained checkpoint (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to run; auto = cuda when available, else cpu (default: %(default)s)")

@@ -115,13 +115,17 @@ def _inverter(name: str, model: str = "unet"):
     from qsmnet.inference.model_store import SHIPPED_MODEL
 
     if name == "tv_masked":
-        # TV-ADMM whose data term covers the brain only: the strongest classical baseline here.
+        # TV-ADMM whose data term covers the brain only (``qsmnet --method tv``): the strongest
+        # classical baseline here.
+        return make_inverter("tv")
+    if name == "tv":
+        # TV-ADMM with the data term on the whole padded grid (Bilgic 2014, QSM.jl)
         from qsmnet.transforms.inversion import tv_admm
 
-        def tv_masked(f, m, vs, b0):
-            return tv_admm(f, m, tuple(vs), tuple(b0), weights=m.to(f.dtype))
+        def tv_grid(f, m, vs, b0):
+            return tv_admm(f, m, tuple(vs), tuple(b0))
 
-        return tv_masked
+        return tv_grid
     if name.startswith("unet"):
         if model == "unet" and not SHIPPED_MODEL.is_file():
             return None

@@ -25,6 +25,20 @@ from qsmnet.io.atomic import atomic_write_text
 from qsmnet.models import QSMNet
 
 
+_ESTIMATE_NAMES = {"tkd": "a TKD estimate", "l2": "a closed-form L2 estimate",
+                   "tv": "a TV-ADMM estimate (data term on the brain mask)"}
+
+
+def _estimates_text(net) -> str:
+    names = [_ESTIMATE_NAMES[c] for c in net.get_config()["channels"] if c in _ESTIMATE_NAMES]
+    return " and ".join(names) if names else "the local field only"
+
+
+def _residual_text(net) -> str:
+    base = net.get_config().get("residual_from")
+    return f"; the U-Net learns the correction to the {base.upper()} estimate" if base else ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ckpt", type=Path)
@@ -60,8 +74,8 @@ def main(argv=None) -> int:
 - **File**: `{a.out.name}` ({a.out.stat().st_size / 1e6:.1f} MB, float16 weights; loaded by
   `qsmnet predict --method unet` and `qsmnet.inference.model_store.load_network("unet")`).
 - **Task**: dipole inversion, local field (ppm) -> susceptibility (ppm), any B0 direction and
-  voxel size (the network input includes a closed-form L2 estimate computed with the
-  acquisition's own dipole kernel).
+  voxel size (the network input includes {_estimates_text(net)} computed with the acquisition's
+  own dipole kernel{_residual_text(net)}).
 - **Architecture**: `QSMNet` {json.dumps(net.get_config())}; {meta['parameters']:,} parameters.
 - **Training**: {meta['global_step']} optimiser steps, seed {meta['seed']}, on qsmnet's on-the-fly
   simulator (`configs/data/simulated.yaml`: random shapes, vessels, textures, strong sources,

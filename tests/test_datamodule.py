@@ -168,3 +168,21 @@ def test_lightning_sets_epochs():
         ref.train_sampler.set_epoch(epoch)
         expected += [(epoch, b["chi_ppm"].sum().item()) for b in _batches(ref)]
     assert seen == expected
+
+
+def test_precomputed_tv_estimate_matches_the_network_own():
+    from qsmnet.models import QSMNet
+
+    params = {"tv_lam": 5e-5, "tv_iterations": 20, "pad": 12}
+    dm = SimulatedQSMDataModule(**SMALL, seed=3, estimates=["tv"], estimate_params=params)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["estimate_tv"].shape == batch["chi_ppm"].shape
+    net = QSMNet(channels=["local_field", "tv", "mask"], residual_from="tv", unet={"features": [4, 8]},
+                 tv_lam=5e-5, tv_iterations=20, pad=12)
+    _, own = net.predict(batch["local_field_ppm"], batch["mask"], batch["voxel_size_mm"], batch["b0_dir"])
+    torch.testing.assert_close(batch["estimate_tv"], own["tv"], rtol=1e-4, atol=1e-6)
+    vb = next(iter(dm.val_dataloader()))
+    assert "estimate_tv" in vb
+    with pytest.raises(ValueError, match="unknown estimates"):
+        SimulatedQSMDataModule(**SMALL, estimates=["medi"])

@@ -233,3 +233,9 @@ def test_sigkill_then_resume_from_last(tmp_path):
     resumed = _ckpt(last)
     assert resumed["global_step"] == killed_at + 2
     assert {float(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()} == {killed_at + 2.0}
+
+
+def test_precomputed_estimates_with_other_parameters_are_refused(tmp_path):
+    cfg = _cfg(tmp_path, "experiment=tv_residual", "debug=fdr", "data.estimate_params.tv_iterations=5")
+    with pytest.raises(ValueError, match="tv_iterations"):
+        train(cfg)

@@ -19,10 +19,41 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from qsmnet.transforms.inversion import DEFAULT_INVERSION_PAD, closed_form_l2, tkd
+from qsmnet.transforms.inversion import (
+    DEFAULT_INVERSION_PAD,
+    DEFAULT_TV_LAMBDA_WEIGHTED,
+    closed_form_l2,
+    tkd,
+    tv_admm,
+)
 
-CHANNELS = ("local_field", "tkd", "l2", "mask")
-ESTIMATES = ("tkd", "l2")
+CHANNELS = ("local_field", "tkd", "l2", "tv", "mask")
+ESTIMATES = ("tkd", "l2", "tv")
+#: key prefix of estimates precomputed by the data pipeline (``estimate_tv`` ...), see
+#: :meth:`InputBuilder.forward`
+PRECOMPUTED_PREFIX = "estimate_"
+
+
+def classical_estimate(name: str, field: torch.Tensor, mask: torch.Tensor, voxel_size_mm,
+                       b0_dir, *, l2_alpha: float = 0.02, tkd_threshold: float = 0.15,
+                       tv_lam: float = DEFAULT_TV_LAMBDA_WEIGHTED, tv_iterations: int = 100,
+                       pad: str | int | None = DEFAULT_INVERSION_PAD) -> torch.Tensor:
+    """One first estimate (ppm, referenced to the mask mean) with per-sample geometry.
+
+    ``field``/``mask``: ``(B, 1, X, Y, Z)`` (or ``(X, Y, Z)``); geometry ``(3,)`` or ``(B, 3)``.
+    ``tv`` is TV-ADMM with the data term on the mask only (``tv_admm(..., weights=mask)``,
+    ``tv_iterations`` iterations): far slower than ``tkd``/``l2`` (about 0.75 s per 48^3 sample
+    on one CPU thread), so training precomputes it in the data workers
+    (``SimulatedQSMDataModule(estimates=...)``) with this same function.
+    """
+    if name == "l2":
+        return closed_form_l2(field, mask, voxel_size_mm, b0_dir, alpha=l2_alpha, pad=pad)
+    if name == "tkd":
+        return tkd(field, mask, voxel_size_mm, b0_dir, threshold=tkd_threshold, pad=pad)
+    if name == "tv":
+        return tv_admm(field, mask, voxel_size_mm, b0_dir, lam=tv_lam, max_iter=int(tv_iterations),
+                       weights=(mask != 0).to(field.dtype), pad=pad)
+    raise ValueError(f"unknown estimate {name!r}; choose from {ESTIMATES}")
 
 
 def as_batch_geometry(v, batch: int, name: str, device, dtype=torch.float64) -> torch.Tensor:
@@ -56,7 +87,8 @@ class InputBuilder(nn.Module):
 
     def __init__(self, channels: Sequence[str] = ("local_field", "l2", "mask"), scale: float = 10.0,
                  l2_alpha: float = 0.02, tkd_threshold: float = 0.15,
-                 pad: str | int | None = DEFAULT_INVERSION_PAD) -> None:
+                 pad: str | int | None = DEFAULT_INVERSION_PAD,
+                 tv_lam: float = DEFAULT_TV_LAMBDA_WEIGHTED, tv_iterations: int = 100) -> None:
         super().__init__()
         channels = tuple(str(c) for c in channels)
         unknown = [c for c in channels if c not in CHANNELS]
@@ -71,6 +103,14 @@ class InputBuilder(nn.Module):
         self.l2_alpha = float(l2_alpha)
         self.tkd_threshold = float(tkd_threshold)
         self.pad = pad
+        self.tv_lam = float(tv_lam)
+        self.tv_iterations = int(tv_iterations)
+
+    @property
+    def estimate_params(self) -> dict:
+        """Keyword arguments of :func:`classical_estimate` (also what data pipelines must use)."""
+        return {"l2_alpha": self.l2_alpha, "tkd_threshold": self.tkd_threshold,
+                "tv_lam": self.tv_lam, "tv_iterations": self.tv_iterations, "pad": self.pad}
 
     @property
     def num_channels(self) -> int:
@@ -79,19 +119,18 @@ class InputBuilder(nn.Module):
     def estimate(self, name: str, field: torch.Tensor, mask: torch.Tensor, voxel_size_mm: torch.Tensor,
                  b0_dir: torch.Tensor) -> torch.Tensor:
         """A classical first estimate (ppm, referenced to the mask mean) with per-sample geometry."""
-        if name == "l2":
-            return closed_form_l2(field, mask, voxel_size_mm, b0_dir, alpha=self.l2_alpha, pad=self.pad)
-        if name == "tkd":
-            return tkd(field, mask, voxel_size_mm, b0_dir, threshold=self.tkd_threshold, pad=self.pad)
-        raise ValueError(f"unknown estimate {name!r}; choose from {ESTIMATES}")
+        return classical_estimate(name, field, mask, voxel_size_mm, b0_dir, **self.estimate_params)
 
     def forward(self, local_field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm, b0_dir,
-                extra: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                extra: Sequence[str] = (), provided: dict[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return ``(x, estimates)``.
 
         ``x`` is ``(B, C, X, Y, Z)`` in network units; ``estimates`` maps each computed first
-        estimate (``"l2"``, ``"tkd"``; those in ``channels`` plus those named in ``extra``) to a
-        ``(B, 1, X, Y, Z)`` tensor in ppm.
+        estimate (``"l2"``, ``"tkd"``, ``"tv"``; those in ``channels`` plus those named in
+        ``extra``) to a ``(B, 1, X, Y, Z)`` tensor in ppm. ``provided`` holds estimates already
+        computed with :func:`classical_estimate` and :attr:`estimate_params` (training batches
+        carry the slow ``tv`` one precomputed by the data workers); they are used as given.
         """
         if local_field_ppm.ndim != 5 or local_field_ppm.shape[1] != 1:
             raise ValueError(f"local_field_ppm must be (B, 1, X, Y, Z), got {tuple(local_field_ppm.shape)}")
@@ -102,10 +141,15 @@ class InputBuilder(nn.Module):
         m = mask.to(local_field_ppm.dtype).reshape(local_field_ppm.shape)
         field = local_field_ppm * m
         estimates: dict[str, torch.Tensor] = {}
+        provided = provided or {}
         with torch.no_grad():
             for name in ESTIMATES:
                 if name in self.channels or name in extra:
-                    estimates[name] = self.estimate(name, field.detach(), m, vs, bd)
+                    if name in provided:
+                        est = provided[name].to(field.dtype).reshape(field.shape)
+                        estimates[name] = est
+                    else:
+                        estimates[name] = self.estimate(name, field.detach(), m, vs, bd)
         parts = []
         for c in self.channels:
             if c == "local_field":
@@ -118,4 +162,5 @@ class InputBuilder(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"channels={list(self.channels)}, scale={self.scale}, l2_alpha={self.l2_alpha}, "
-                f"tkd_threshold={self.tkd_threshold}, pad={self.pad!r}")
+                f"tkd_threshold={self.tkd_threshold}, tv_lam={self.tv_lam}, "
+                f"tv_iterations={self.tv_iterations}, pad={self.pad!r}")

@@ -20,7 +20,11 @@ from torch import nn
 
 from qsmnet.models.inputs import ESTIMATES, InputBuilder
 from qsmnet.models.unet import UNet3D
-from qsmnet.transforms.inversion import DEFAULT_INVERSION_PAD, reference_to_mask_mean
+from qsmnet.transforms.inversion import (
+    DEFAULT_INVERSION_PAD,
+    DEFAULT_TV_LAMBDA_WEIGHTED,
+    reference_to_mask_mean,
+)
 
 #: Key under which :class:`qsmnet.training.module.QSMLitModule` stores the network config in a
 #: Lightning checkpoint (a plain dict, loadable with ``torch.load(..., weights_only=True)``).
@@ -68,7 +72,7 @@ class QSMNet(nn.Module):
     ----------
     channels : sequence of str
         Input channels, see :class:`qsmnet.models.inputs.InputBuilder`.
-    residual_from : "l2" | "tkd" | None
+    residual_from : "l2" | "tkd" | "tv" | None
         Add this first estimate (ppm) to the U-Net output. With the U-Net's zero-initialised
         output layer a fresh network returns exactly the (referenced, masked) first estimate.
     unet : mapping
@@ -76,7 +80,7 @@ class QSMNet(nn.Module):
         (``features``, ``norm``, ``act``, ``dropout``, ``upsample``, ``zero_init_output``, ``bias``).
     scale : float
         ppm -> network units for inputs and output (stored with the model).
-    l2_alpha, tkd_threshold, pad
+    l2_alpha, tkd_threshold, pad, tv_lam, tv_iterations
         First-estimate parameters (see :class:`~qsmnet.models.inputs.InputBuilder`).
     reference : "mask_mean" | None
         Reference the output to its mean inside the mask (default) or leave it as predicted.
@@ -96,7 +100,8 @@ class QSMNet(nn.Module):
     def __init__(self, channels: Sequence[str] = ("local_field", "tkd", "l2", "mask"),
                  residual_from: str | None = "tkd", unet: Mapping[str, Any] | None = None,
                  scale: float = 10.0, l2_alpha: float = 0.02, tkd_threshold: float = 0.15,
-                 pad: str | int | None = DEFAULT_INVERSION_PAD, reference: str | None = "mask_mean") -> None:
+                 pad: str | int | None = DEFAULT_INVERSION_PAD, reference: str | None = "mask_mean",
+                 tv_lam: float = DEFAULT_TV_LAMBDA_WEIGHTED, tv_iterations: int = 100) -> None:
         super().__init__()
         if residual_from is not None and residual_from not in ESTIMATES:
             raise ValueError(f"residual_from must be one of {ESTIMATES} or None, got {residual_from!r}")
@@ -108,7 +113,8 @@ class QSMNet(nn.Module):
             if key in unet_kwargs:
                 raise ValueError(f"unet.{key} is set by QSMNet; remove it from the config")
         self.inputs = InputBuilder(_plain(list(channels)), scale=scale, l2_alpha=l2_alpha,
-                                   tkd_threshold=tkd_threshold, pad=pad)
+                                   tkd_threshold=tkd_threshold, pad=pad, tv_lam=tv_lam,
+                                   tv_iterations=tv_iterations)
         self.unet = UNet3D(in_channels=self.inputs.num_channels, out_channels=1, residual=False,
                            **unet_kwargs)
         self.residual_from = residual_from
@@ -122,6 +128,8 @@ class QSMNet(nn.Module):
             "tkd_threshold": float(tkd_threshold),
             "pad": _plain(pad),
             "reference": reference,
+            "tv_lam": float(tv_lam),
+            "tv_iterations": int(tv_iterations),
         }
 
     @property
@@ -141,16 +149,21 @@ class QSMNet(nn.Module):
         return self.predict(local_field_ppm, mask, voxel_size_mm, b0_dir)[0]
 
     def predict(self, local_field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm, b0_dir,
-                extra_estimates: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                extra_estimates: Sequence[str] = (),
+                provided: dict[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Like :meth:`forward` but also returns the classical estimates it computed (ppm).
 
-        ``extra_estimates`` names estimates (``"tkd"``, ``"l2"``) to compute even if the network
-        does not use them (the training module uses this for its TKD baseline).
+        ``extra_estimates`` names estimates (``"tkd"``, ``"l2"``, ``"tv"``) to compute even if the
+        network does not use them (the training module uses this for its TKD baseline);
+        ``provided`` passes estimates precomputed with the same parameters
+        (:attr:`InputBuilder.estimate_params`), see :meth:`InputBuilder.forward`.
         """
         if mask.shape != local_field_ppm.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != field shape {tuple(local_field_ppm.shape)}")
         extra = tuple(extra_estimates) + ((self.residual_from,) if self.residual_from else ())
-        x, estimates = self.inputs(local_field_ppm, mask, voxel_size_mm, b0_dir, extra=extra)
+        x, estimates = self.inputs(local_field_ppm, mask, voxel_size_mm, b0_dir, extra=extra,
+                                   provided=provided)
         shape = x.shape[-3:]
         pads = _center_pad(shape, self.size_divisor)
         if any(p != (0, 0) for p in pads):

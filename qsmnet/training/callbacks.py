@@ -53,7 +53,8 @@ class ValidationSummary(L.Callback):
         if "train/loss" in m or "train/loss_step" in m:
             parts.append(f"train/loss {m.get('train/loss', m.get('train/loss_step')):.4g}")
         if "val/nrmse" in m:
-            base = [f"{name} {m[key]:.1f}%" for name, key in (("TKD", "val/nrmse_tkd"), ("L2", "val/nrmse_l2"))
+            base = [f"{name} {m[key]:.1f}%" for name, key in (("TKD", "val/nrmse_tkd"), ("L2", "val/nrmse_l2"),
+                                                             ("TV", "val/nrmse_tv"))
                     if key in m]
             parts.append(f"val/nrmse {m['val/nrmse']:.1f}%" + (f" ({', '.join(base)})" if base else ""))
         parts += [f"{k} {m[k]:.4g}" for k in self.keys if k in m]

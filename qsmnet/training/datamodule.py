@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from qsmnet.models.inputs import ESTIMATES, PRECOMPUTED_PREFIX, classical_estimate
 from qsmnet.simulation.config import SimulationConfig, make_config
 from qsmnet.simulation.sampling import derive_seed
 from qsmnet.simulation.simulator import QSMSimulator
@@ -60,8 +61,11 @@ class SimulatedDataset(Dataset):
 
     def __init__(self, simulator: QSMSimulator, shape: Sequence[int], length: int, seed: int,
                  stream: int = TRAIN_STREAM, device: str | torch.device = "cpu",
-                 sim_threads: int | None = None) -> None:
+                 sim_threads: int | None = None, estimates: Sequence[str] = (),
+                 estimate_params: Mapping[str, Any] | None = None) -> None:
         self.simulator = simulator
+        self.estimates = tuple(estimates)
+        self.estimate_params = dict(estimate_params or {})
         self.sim_threads = sim_threads
         self.shape = tuple(int(s) for s in shape)
         self.length = int(length)
@@ -77,14 +81,25 @@ class SimulatedDataset(Dataset):
         epoch, i = index if isinstance(index, tuple) else (0, index)
         return derive_seed(self.seed, self.stream, int(epoch), int(i))
 
+    def _make(self, seed: int) -> dict[str, torch.Tensor]:
+        sample = self.simulator(self.shape, seed, device=self.device)
+        for name in self.estimates:
+            # the network's own estimator and parameters, computed here so that slow estimates
+            # (TV) run in the data workers, in parallel with the training step
+            field = sample["local_field_ppm"] * (sample["mask"] != 0)
+            sample[PRECOMPUTED_PREFIX + name] = classical_estimate(
+                name, field, sample["mask"], sample["voxel_size_mm"].double(),
+                sample["b0_dir"].double(), **self.estimate_params).to(field.dtype)
+        return sample  # type: ignore[return-value]
+
     def __getitem__(self, index: Index) -> dict[str, torch.Tensor]:
         seed = self.sample_seed(index)
         if self.sim_threads is None or self.device.type != "cpu":
-            return self.simulator(self.shape, seed, device=self.device)  # type: ignore[return-value]
+            return self._make(seed)
         previous = torch.get_num_threads()
         torch.set_num_threads(int(self.sim_threads))
         try:
-            return self.simulator(self.shape, seed, device=self.device)  # type: ignore[return-value]
+            return self._make(seed)
         finally:
             torch.set_num_threads(previous)
 
@@ -171,6 +186,13 @@ class SimulatedQSMDataModule(L.LightningDataModule):
         always use one thread. One thread is the fastest for the simulator's many small
         operations, by far on a busy machine (measured 9 vs 0.7 samples/s at 64^3 with 2 cores
         shared with other jobs).
+    estimates : names of first estimates (``"tv"``) to precompute per sample, in the workers,
+        with :func:`qsmnet.models.inputs.classical_estimate`; they travel in the batch as
+        ``estimate_<name>`` ``(B, 1, X, Y, Z)`` and the network uses them instead of computing
+        its own (they must be computed with the network's parameters: ``estimate_params``,
+        checked when training starts).
+    estimate_params : keyword arguments of ``classical_estimate`` (``tv_lam``,
+        ``tv_iterations``, ``pad``, ...).
     """
 
     def __init__(self, patch_size: int | Sequence[int] = 64, batch_size: int = 2,
@@ -180,8 +202,14 @@ class SimulatedQSMDataModule(L.LightningDataModule):
                  device: str = "cpu", val_seed: int = 1234, val_batch_size: int | None = None,
                  val_patch_size: int | Sequence[int] | None = None, pin_memory: bool = False,
                  persistent_workers: bool = True, prefetch_factor: int | None = None,
-                 sim_threads: int | None = 1) -> None:
+                 sim_threads: int | None = 1, estimates: Sequence[str] = (),
+                 estimate_params: Mapping[str, Any] | None = None) -> None:
         super().__init__()
+        unknown = [e for e in estimates if e not in ESTIMATES]
+        if unknown:
+            raise ValueError(f"unknown estimates {unknown}; choose from {ESTIMATES}")
+        self.estimates = tuple(str(e) for e in estimates)
+        self.estimate_params = {k: v for k, v in dict(estimate_params or {}).items()}
         self.patch_shape = _patch_shape(patch_size)
         self.val_patch_shape = _patch_shape(val_patch_size) if val_patch_size is not None else self.patch_shape
         if int(batch_size) < 1 or int(steps_per_epoch) < 1 or int(val_size) < 0 or int(num_workers) < 0:
@@ -211,11 +239,13 @@ class SimulatedQSMDataModule(L.LightningDataModule):
             "val_size": self.val_size, "steps_per_epoch": self.steps_per_epoch,
             "device": str(self.device), "sim_threads": sim_threads,
             "simulator": self.simulator_config.to_dict(),
+            "estimates": list(self.estimates), "estimate_params": self.estimate_params,
         })
         self.sim_threads = sim_threads
         self.train_set = SimulatedDataset(self.simulator, self.patch_shape,
                                           self.steps_per_epoch * self.batch_size, self.seed,
-                                          TRAIN_STREAM, self.device, sim_threads)
+                                          TRAIN_STREAM, self.device, sim_threads,
+                                          self.estimates, self.estimate_params)
         self.train_sampler = EpochSampler(len(self.train_set))
         self.val_set: SampleListDataset | None = None
 
@@ -223,7 +253,8 @@ class SimulatedQSMDataModule(L.LightningDataModule):
     def validation_samples(self) -> list[dict[str, torch.Tensor]]:
         """Simulate the validation set (same samples on every call and in every run)."""
         sim_set = SimulatedDataset(self.simulator, self.val_patch_shape, self.val_size,
-                                   self.val_seed, VAL_STREAM, self.device, self.sim_threads)
+                                   self.val_seed, VAL_STREAM, self.device, self.sim_threads,
+                                   self.estimates, self.estimate_params)
         # Stored on the CPU: Lightning moves each batch to the training device.
         return [{k: v.cpu() for k, v in sim_set[i].items()} for i in range(self.val_size)]
 

@@ -10,7 +10,7 @@ Batches are dicts with ``chi_ppm``, ``local_field_ppm``, ``mask`` (``(B, 1, X, Y
 Logged: ``train/loss`` and its components ``train/{sup,dc,grad}``; ``val/loss`` and components;
 per validation sample the QSM-CI metrics ``val/nrmse`` (demeaned NRMSE, %), ``val/nrmse_detrended``,
 ``val/hfen``, ``val/xsim`` (inside the sample's mask, not eroded); the baselines
-``val/nrmse_tkd`` (TKD on the same batch) and ``val/nrmse_l2`` (the network's closed-form L2 first
+``val/nrmse_tkd`` (TKD on the same batch), ``val/nrmse_tv`` (its TV first estimate, when it has one) and ``val/nrmse_l2`` (the network's closed-form L2 first
 estimate, when it has one); and a TensorBoard figure of orthogonal slices (field, TKD,
 prediction, truth, error) of the first validation sample.
 """
@@ -18,6 +18,7 @@ prediction, truth, error) of the first validation sample.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from qsmnet.losses import QSMLoss
+from qsmnet.models.inputs import PRECOMPUTED_PREFIX, classical_estimate
 from qsmnet.models.qsm_net import CHECKPOINT_CONFIG_KEY
 from qsmnet.training.metrics import volume_metrics
 from qsmnet.transforms.inversion import DEFAULT_INVERSION_PAD, tkd
@@ -91,6 +93,24 @@ class QSMLitModule(L.LightningModule):
         #: global step of the last completed validation (-1: none yet)
         self.last_validated_step = -1
 
+    def on_fit_start(self) -> None:
+        """Refuse precomputed estimates made with other parameters than the network's own."""
+        dm = getattr(self.trainer, "datamodule", None)
+        inputs = getattr(self.net, "inputs", None)
+        if dm is None or inputs is None or not getattr(dm, "estimates", ()):
+            return
+        mine = inputs.estimate_params
+        defaults = {k: p.default for k, p in inspect.signature(classical_estimate).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        theirs = {**defaults, **dict(getattr(dm, "estimate_params", {}))}
+        used = {"tv": ("tv_lam", "tv_iterations", "pad"), "tkd": ("tkd_threshold", "pad"),
+                "l2": ("l2_alpha", "pad")}
+        bad = {k: (theirs[k], mine[k]) for name in dm.estimates for k in used[name]
+               if theirs[k] != mine[k]}
+        if bad:
+            raise ValueError("data.estimate_params differ from the model's estimate parameters "
+                             f"(data, model): {bad}; interpolate them from the model config")
+
     # -- core -------------------------------------------------------------------------------
     def forward(self, local_field_ppm, mask, voxel_size_mm, b0_dir) -> torch.Tensor:
         return self.net(local_field_ppm, mask, voxel_size_mm, b0_dir)
@@ -105,7 +125,10 @@ class QSMLitModule(L.LightningModule):
     def _step(self, batch, stage: str, extra_estimates=()):
         chi, field, mask, vs, b0 = self._unpack(batch)
         if hasattr(self.net, "predict"):
-            pred, estimates = self.net.predict(field, mask, vs, b0, extra_estimates=extra_estimates)
+            provided = {k[len(PRECOMPUTED_PREFIX):]: v for k, v in batch.items()
+                        if k.startswith(PRECOMPUTED_PREFIX)}
+            pred, estimates = self.net.predict(field, mask, vs, b0, extra_estimates=extra_estimates,
+                                               provided=provided or None)
         else:
             pred, estimates = self.net(field, mask, vs, b0), {}
         total, parts = self.loss_fn(pred, chi, field, mask, vs, b0)
@@ -135,14 +158,16 @@ class QSMLitModule(L.LightningModule):
         chi_np = chi.detach().float().cpu().numpy()[:, 0]
         mask_np = mask.detach().float().cpu().numpy()[:, 0]
         tkd_np = base_tkd.detach().float().cpu().numpy()[:, 0]
-        l2_np = estimates["l2"].detach().float().cpu().numpy()[:, 0] if "l2" in estimates else None
+        others = {n: estimates[n].detach().float().cpu().numpy()[:, 0] for n in ("l2", "tv")
+                  if n in estimates}
         rows: dict[str, list[float]] = {}
         for i in range(pred_np.shape[0]):
             for k, v in volume_metrics(pred_np[i], chi_np[i], mask_np[i], self.hparams.full_metrics).items():
                 rows.setdefault(k, []).append(v)
             rows.setdefault("nrmse_tkd", []).append(volume_metrics(tkd_np[i], chi_np[i], mask_np[i], False)["nrmse"])
-            if l2_np is not None:
-                rows.setdefault("nrmse_l2", []).append(volume_metrics(l2_np[i], chi_np[i], mask_np[i], False)["nrmse"])
+            for n, est_np in others.items():
+                rows.setdefault(f"nrmse_{n}", []).append(
+                    volume_metrics(est_np[i], chi_np[i], mask_np[i], False)["nrmse"])
         bs = chi.shape[0]
         for k, values in rows.items():
             value = torch.tensor(float(np.nanmean(values)), dtype=torch.float32, device=self.device)
