@@ -59,7 +59,7 @@ CACHE = ROOT / ".benchmarks"
 INVERSIONS = ("tkd", "l2", "tv", "tv_masked", "unet-nodc", "unet")
 FIGURES = ROOT / "docs" / "figures"
 ABLATION_EXPERIMENTS = ("baseline", "no_dc", "dc_only", "field_only_input", "small_unet",
-                        "l2_residual")
+                        "l2_residual", "tv_residual")
 #: the project's own simulated test set: seeds disjoint from training (per-step seeds from the
 #: run seed) and from validation (val_seed 1234)
 SIM_TEST_SEEDS = tuple(range(900_001, 900_009))
