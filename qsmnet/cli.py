@@ -78,6 +78,10 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "(tkd, l2 = closed-form Tikhonov, tv = total variation with the data term on "
                         "the brain mask) or the path of a "
                         "trained checkpoint (default: %(default)s)")
+    p.add_argument("--dc-iterations", type=int, default=None, metavar="N",
+                   help="test-time data-consistency iterations after a network (default: what the "
+                        "model card recommends, 40 for the shipped model; 0 switches it off, which "
+                        "is more robust when the local field carries background-removal errors)")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to run; auto = cuda when available, else cpu (default: %(default)s)")
     p.add_argument("--bfr", default="pdf", choices=("pdf", "vsharp", "resharp"),

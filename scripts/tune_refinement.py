@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         row = {"iterations": n, "weight": w,
                **{k: float(np.mean([v[k] for v in vals])) for k in ("nrmse", "hfen", "xsim")}}
         rows.append(row)
-        print(f"iterations {n:3d}  weight {w:5.2f}  NRMSE {row['nrmse']:6.2f} %  "
+        print(f"iterations {n:3d}  weight {w:6.3f}  NRMSE {row['nrmse']:6.2f} %  "
               f"HFEN {row['hfen']:6.2f} %  XSIM {row['xsim']:.3f}", flush=True)
     # ties (within 0.05 NRMSE points) go to the cheaper setting: fewer iterations
     best = min(rows, key=lambda r: (round(r["nrmse"] / 0.05), r["iterations"]))

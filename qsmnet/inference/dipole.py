@@ -141,6 +141,9 @@ def make_inverter(method: str | os.PathLike = "unet", device: str | torch.device
     ``refine_iterations``), else 0.
     """
     method = os.fspath(method)
+    if refine_iterations is not None and refine_iterations < 0:
+        raise QSMInputError(f"the number of data-consistency iterations must be >= 0, got "
+                            f"{refine_iterations}")
     if method == "tkd":
         return ClassicalInverter("tkd", tkd, params)
     if method == "l2":

@@ -79,7 +79,8 @@ def run_predict(args) -> int:
     device = resolve_device(args.device)
     jobs = _jobs_from_args(args)
     t0 = time.perf_counter()
-    inverter = make_inverter(args.method, device)
+    inverter = make_inverter(args.method, device,
+                             refine_iterations=getattr(args, "dc_iterations", None))
     load_s = time.perf_counter() - t0
     bfr = args.bfr
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

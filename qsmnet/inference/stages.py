@@ -34,8 +34,12 @@ log = logging.getLogger("qsmnet")
 
 
 def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
-              phase_sign: int = 1, bfr: str = "pdf") -> Path:
-    """Run one QSM-CI stage; returns the path of the written output."""
+              phase_sign: int = 1, bfr: str = "pdf", dc_iterations: int | None = None) -> Path:
+    """Run one QSM-CI stage; returns the path of the written output.
+
+    ``dc_iterations``: test-time data-consistency iterations of a network method (None: what
+    the model recommends; 0: off); ignored by the classical methods.
+    """
     inputs = read_qsmci_inputs(in_dir, stage, phase_sign=phase_sign)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     sample = inputs.to_sample(device="cpu")
@@ -49,7 +53,8 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
         out, params = field.cpu(), {"method": "laplacian unwrap + MCPC-3D-S + WLS fit"}
     else:
         start = {"bfr": "totalfield", "dipole": "localfield", "end-to-end": "phase"}[stage]
-        inverter = make_inverter(method, device) if stage != "bfr" else (lambda *a: a[0])
+        inverter = (make_inverter(method, device, refine_iterations=dc_iterations)
+                    if stage != "bfr" else (lambda *a: a[0]))
         rec = reconstruct(sample, inverter=inverter, start=start, bfr=bfr, device=device)
         out = rec.local_field_ppm if stage == "bfr" else rec.chi_ppm
         params = rec.params
@@ -70,6 +75,6 @@ def run_stage_cli(args) -> int:
     """Handler of ``qsmnet run-stage`` (arguments validated by :mod:`qsmnet.cli`)."""
     path = run_stage(args.stage, args.in_dir, args.out_dir, method=args.method,
                      device=args.device, phase_sign=args.phase_sign,
-                     bfr=args.bfr)
+                     bfr=args.bfr, dc_iterations=getattr(args, "dc_iterations", None))
     print(path)
     return 0
