@@ -193,14 +193,14 @@ def run_accuracy(seeds, scale, force=False, end_to_end=True, inversions=INVERSIO
     return res
 
 
-def _sim_test_sample(seed: int):
-    """One sample of the project's own simulated test set (the default training distribution)."""
+def _default_simulator():
+    """The training simulator with the default data config (configs/data/simulated.yaml)."""
     from omegaconf import OmegaConf
 
     from qsmnet.simulation.simulator import QSMSimulator
 
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "data" / "simulated.yaml"))
-    return QSMSimulator(cfg["simulator"])(SIM_TEST_SHAPE, seed)
+    return QSMSimulator(cfg["simulator"])
 
 
 def run_simulated_test(res: dict, inverters: dict) -> dict:
@@ -210,12 +210,14 @@ def run_simulated_test(res: dict, inverters: dict) -> dict:
     res.setdefault("simulated", {})
     res["simulated_set"] = {"shape": list(SIM_TEST_SHAPE), "seeds": list(SIM_TEST_SEEDS),
                             "config": "configs/data/simulated.yaml"}
+    simulator = None
     for seed in SIM_TEST_SEEDS:
         todo = [n for n, inv in inverters.items()
                 if inv is not None and f"sim{seed}/{n}" not in res["simulated"]]
         if not todo:
             continue
-        s = _sim_test_sample(seed)
+        simulator = simulator or _default_simulator()
+        s = simulator(SIM_TEST_SHAPE, seed)
         vs = tuple(float(v) for v in s["voxel_size_mm"])
         b0 = tuple(float(v) for v in s["b0_dir"])
         mask = s["mask"][0] > 0
@@ -259,9 +261,11 @@ def run_ablation(steps: int, seed: int, patch: int, threads: int, force: bool = 
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         print("ablation:", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    import torch
+
     from qsmnet.metrics import score
 
-    cases = [(n, a) for n, a in _eval_set((0,), 0.75)]
+    cases = _eval_set((0,), 0.75)
     for exp in ABLATION_EXPERIMENTS:
         if exp in res["runs"] or not (sweep / exp / "metrics.json").is_file():
             continue
@@ -270,8 +274,6 @@ def run_ablation(steps: int, seed: int, patch: int, threads: int, force: bool = 
         row = {"global_step": summary["global_step"],
                **{k.split("/", 1)[1]: v for k, v in summary["last"].items()
                   if k.startswith("val/")}}
-        import torch
-
         for name in ("unet-nodc", "unet+dc"):
             inv = _inverter(name, str(ckpt))
             for case, acq in cases:
@@ -310,8 +312,9 @@ def run_figures(force: bool = False) -> dict:
     from qsmnet.metrics.figures import comparison_figure, metric_vs_tilt_figure
 
     FIGURES.mkdir(parents=True, exist_ok=True)
-    methods = [n for n in ("tkd", "tv", "tv_masked", "unet-nodc", "unet") if _inverter(n)]
-    inverters = {n: _inverter(n) for n in methods}
+    inverters = {n: inv for n in ("tkd", "tv", "tv_masked", "unet-nodc", "unet")
+                 if (inv := _inverter(n)) is not None}
+    methods = list(inverters)
     name, acq = _eval_set((0,), 0.75)[0]
     local = torch.from_numpy(acq.local_field_ppm.astype(np.float32))
     mask = torch.from_numpy(acq.mask)

@@ -146,8 +146,7 @@ class InputBuilder(nn.Module):
             for name in ESTIMATES:
                 if name in self.channels or name in extra:
                     if name in provided:
-                        est = provided[name].to(field.dtype).reshape(field.shape)
-                        estimates[name] = est
+                        estimates[name] = provided[name].to(field.dtype).reshape(field.shape)
                     else:
                         estimates[name] = self.estimate(name, field.detach(), m, vs, bd)
         parts = []

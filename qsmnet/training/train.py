@@ -189,8 +189,7 @@ def write_run_summary(path: Path, trainer: L.Trainer, metric_name: str | None,
                        if not k.startswith("hydra/")}
     except (ImportError, ValueError):  # pragma: no cover - hydra-core is a dependency
         pass
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-               if getattr(v, "numel", lambda: 1)() == 1}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     atomic_write_json(path, {"global_step": int(trainer.global_step), "choices": choices,
                              "optimized_metric": metric_name, "best": dict(best) if best else None,
                              "last": metrics})
