@@ -79,9 +79,10 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "the brain mask) or the path of a "
                         "trained checkpoint (default: %(default)s)")
     p.add_argument("--dc-iterations", type=int, default=None, metavar="N",
-                   help="test-time data-consistency iterations after a network (default: what the "
-                        "model card recommends, 40 for the shipped model; 0 switches it off, which "
-                        "is more robust when the local field carries background-removal errors)")
+                   help="test-time data-consistency iterations after the inversion (default: "
+                        "what the model card recommends for a network, 40 for the shipped model; 0 "
+                        "for tkd/l2/tv; 0 switches it off, which is more robust when the local "
+                        "field carries background-removal errors)")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to run; auto = cuda when available, else cpu (default: %(default)s)")
     p.add_argument("--bfr", default="pdf", choices=("pdf", "vsharp", "resharp"),

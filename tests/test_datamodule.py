@@ -186,3 +186,33 @@ def test_precomputed_tv_estimate_matches_the_network_own():
     assert "estimate_tv" in vb
     with pytest.raises(ValueError, match="unknown estimates"):
         SimulatedQSMDataModule(**SMALL, estimates=["medi"])
+
+
+def test_bfr_samples_feed_the_network_what_pdf_makes_of_the_total_field():
+    from qsmnet.transforms.background import pdf
+
+    sim = {**SMALL["simulator"], "with_total_field": True, "full_mask_prob": 0.0}
+    plain = SimulatedQSMDataModule(**{**SMALL, "simulator": sim}, seed=5)
+    bfr = SimulatedQSMDataModule(**{**SMALL, "simulator": sim}, seed=5, bfr="pdf",
+                                 bfr_params={"max_iter": 30})
+    a, b = _batches(plain, 1)[0], _batches(bfr, 1)[0]
+    # the chi truth and the simulated local field are untouched (moved, for the physics loss)
+    assert torch.equal(a["chi_ppm"], b["chi_ppm"]) and torch.equal(a["mask"], b["mask"])
+    assert torch.equal(b["local_field_true_ppm"], a["local_field_ppm"])
+    for i in range(2):
+        m = a["mask"][i, 0] != 0
+        direct, _ = pdf(a["total_field_ppm"][i, 0], m, a["voxel_size_mm"][i].double(),
+                        a["b0_dir"][i].double(), max_iter=30)
+        torch.testing.assert_close(b["local_field_ppm"][i, 0], direct.float(), rtol=1e-4,
+                                   atol=1e-6)
+
+        def err(x, m=m, truth=a["local_field_ppm"][i, 0]):
+            d, t = x[m] - x[m].mean(), truth[m] - truth[m].mean()
+            return float((d - t).norm() / t.norm())
+
+        # the background (skull, air, shim residual) is gone: far closer to the local field
+        assert err(b["local_field_ppm"][i, 0]) < 0.5 * err(a["total_field_ppm"][i, 0])
+    with pytest.raises(ValueError, match="with_total_field"):
+        SimulatedQSMDataModule(**SMALL, bfr="pdf")
+    with pytest.raises(ValueError, match="unknown data.bfr"):
+        SimulatedQSMDataModule(**{**SMALL, "simulator": sim}, bfr="lbv")

@@ -239,3 +239,50 @@ def test_precomputed_estimates_with_other_parameters_are_refused(tmp_path):
     cfg = _cfg(tmp_path, "experiment=tv_residual", "debug=fdr", "data.estimate_params.tv_iterations=5")
     with pytest.raises(ValueError, match="tv_iterations"):
         train(cfg)
+
+
+def test_init_from_copies_weights_and_refuses_another_architecture(tmp_path):
+    import hydra
+
+    from qsmnet.training.train import init_weights
+
+    train(_cfg(tmp_path / "a", "~logger", "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = _ckpt(ckpt)["state_dict"]
+    module = hydra.utils.instantiate(_cfg(tmp_path / "b").module)
+    assert not all(torch.equal(v, saved["net." + k]) for k, v in module.net.state_dict().items())
+    init_weights(module, str(ckpt))
+    for k, v in module.net.state_dict().items():
+        assert torch.equal(v, saved["net." + k])
+    other = hydra.utils.instantiate(_cfg(tmp_path / "c", "model.unet.features=[4,8]").module)
+    with pytest.raises(ValueError, match=r"different architecture.*model\.unet"):
+        init_weights(other, str(ckpt))
+    # a fine-tuning run starts from those weights with a fresh step count
+    train(_cfg(tmp_path / "d", "~logger", "trainer.max_steps=1", "trainer.val_check_interval=1",
+               f"init_from={ckpt}"))
+    assert _ckpt(tmp_path / "d" / "checkpoints" / "last.ckpt")["global_step"] == 1
+
+
+def test_physics_loss_uses_the_true_local_field_when_the_input_is_background_removed(tmp_path):
+    import hydra
+
+    from qsmnet.physics import forward_field
+
+    module = hydra.utils.instantiate(_cfg(tmp_path).module)
+    g = torch.Generator().manual_seed(0)
+    chi = torch.randn(1, 1, 16, 16, 16, generator=g) * 0.05
+    mask = torch.ones_like(chi)
+    vs, b0 = torch.ones(1, 3), torch.tensor([[0.0, 0.0, 1.0]])
+    true_field = forward_field(chi[0, 0], (1.0, 1.0, 1.0), (0.0, 0.0, 1.0))[None, None]
+    batch = {"chi_ppm": chi, "local_field_ppm": 0.5 * true_field, "mask": mask,
+             "voxel_size_mm": vs, "b0_dir": b0}
+    module.eval()
+    with torch.no_grad():
+        pred = module.net.predict(batch["local_field_ppm"], mask, vs, b0)[0]
+        expected = module.loss_fn(pred, chi, true_field, mask, vs, b0)[0]
+        wrong = module.loss_fn(pred, chi, batch["local_field_ppm"], mask, vs, b0)[0]
+        got_plain = module._step(batch, "val")[0]
+        got_true = module._step({**batch, "local_field_true_ppm": true_field}, "val")[0]
+    torch.testing.assert_close(got_plain, wrong)
+    torch.testing.assert_close(got_true, expected)
+    assert abs(float(expected - wrong)) > 1e-4

@@ -116,19 +116,38 @@ class NetworkInverter:
         return plan.restore(chi[0, 0]).to(local_field_ppm.device)
 
 
+#: prior weight of the data-consistency refinement after a classical inversion (the shipped
+#: network's, so that ``--method tv --dc-iterations 40`` is the network-free twin of ``unet``)
+CLASSICAL_REFINE_WEIGHT = 0.002
+
+
 @dataclass
 class ClassicalInverter:
-    """A classical inversion with fixed parameters."""
+    """A classical inversion with fixed parameters, optionally followed by the same test-time
+    data consistency as the networks (:func:`dc_refine`, ``refine_iterations`` > 0)."""
 
     name: str
     fn: Callable
     params: dict[str, Any] = field(default_factory=dict)
+    refine_iterations: int = 0
+    refine_weight: float = CLASSICAL_REFINE_WEIGHT
 
     @torch.no_grad()
     def __call__(self, local_field_ppm, mask, voxel_size_mm, b0_dir) -> torch.Tensor:
         vs = tuple(float(v) for v in torch.as_tensor(voxel_size_mm).reshape(3))
         b0 = tuple(float(v) for v in torch.as_tensor(b0_dir).reshape(3))
-        return self.fn(local_field_ppm, mask.to(torch.bool), vs, b0, **self.params)
+        m = mask.to(torch.bool)
+        chi = self.fn(local_field_ppm, m, vs, b0, **self.params)
+        if self.refine_iterations <= 0:
+            return chi
+        plan = plan_crop_pad(m, divisor=1, margin=8)
+        mc = plan.apply(m.to(chi.dtype))[None, None]
+        fc = plan.apply(local_field_ppm.to(chi.dtype) * m)[None, None]
+        vs_t = torch.tensor(vs, dtype=torch.float64)
+        b0_t = torch.tensor(b0, dtype=torch.float64)
+        out = dc_refine(plan.apply(chi)[None, None], fc, mc, vs_t, b0_t, self.refine_weight,
+                        self.refine_iterations)
+        return plan.restore(reference_to_mask_mean(out, mc)[0, 0])
 
 
 def make_inverter(method: str | os.PathLike = "unet", device: str | torch.device = "cpu",
@@ -138,18 +157,17 @@ def make_inverter(method: str | os.PathLike = "unet", device: str | torch.device
     ``params`` go to the classical function (e.g. ``threshold`` for tkd, ``alpha`` for l2,
     ``lam``/``max_iter`` for tv) or to :class:`NetworkInverter` (``margin``, ``refine_weight``).
     For networks, ``refine_iterations`` defaults to what the model file recommends (its metadata
-    ``refine_iterations``), else 0.
+    ``refine_iterations``), else 0; classical methods default to 0 and, when it is given, are
+    refined the same way (weight :data:`CLASSICAL_REFINE_WEIGHT` unless ``refine_weight``).
     """
     method = os.fspath(method)
     if refine_iterations is not None and refine_iterations < 0:
         raise QSMInputError(f"the number of data-consistency iterations must be >= 0, got "
                             f"{refine_iterations}")
-    if method == "tkd":
-        return ClassicalInverter("tkd", tkd, params)
-    if method == "l2":
-        return ClassicalInverter("l2", closed_form_l2, params)
-    if method == "tv":
-        return ClassicalInverter("tv", tv_brain_data, params)
+    if method in CLASSICAL_METHODS:
+        fn = {"tkd": tkd, "l2": closed_form_l2, "tv": tv_brain_data}[method]
+        weight = float(params.pop("refine_weight", CLASSICAL_REFINE_WEIGHT))
+        return ClassicalInverter(method, fn, params, int(refine_iterations or 0), weight)
     if method != "unet" and not method.endswith((".pt", ".ckpt")):
         raise QSMInputError(f"unknown method {method!r}: use unet, tkd, l2, tv or a model file "
                             "(.pt / .ckpt)")

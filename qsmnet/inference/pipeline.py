@@ -7,6 +7,7 @@ every intermediate map with the mask each lives on and the time each stage took.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,11 +17,13 @@ import torch
 
 from qsmnet.inference.dipole import make_inverter
 from qsmnet.io.errors import QSMInputError
-from qsmnet.transforms.background import pdf, resharp, vsharp
+from qsmnet.transforms.background import BFR_METHODS, remove_background
 from qsmnet.transforms.field_mapping import FieldMapping
+from qsmnet.transforms.inversion import reference_to_mask_mean
+from qsmnet.transforms.multi_echo import check_te_s
+from qsmnet.transforms.reliability import fill_unreliable, unreliable_phase_mask
 from qsmnet.transforms.masking import BrainMask
 
-BFR_METHODS: dict[str, Callable] = {"vsharp": vsharp, "pdf": pdf, "resharp": resharp}
 STARTS = ("phase", "totalfield", "localfield")
 
 
@@ -30,6 +33,8 @@ class Reconstruction:
 
     ``mask`` is the input (or automatic) brain mask, ``chi_mask`` the possibly eroded mask that
     background removal returned a field on, where ``chi_ppm`` and ``local_field_ppm`` are defined.
+    ``unreliable_mask`` (phase input) marks the voxels whose field failed the phase-step test of
+    :func:`qsmnet.transforms.reliability.unreliable_phase_mask`.
     """
 
     chi_ppm: torch.Tensor
@@ -38,6 +43,7 @@ class Reconstruction:
     mask: torch.Tensor
     total_field_ppm: torch.Tensor | None = None
     field_noise_ppm: torch.Tensor | None = None
+    unreliable_mask: torch.Tensor | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -51,7 +57,8 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
                 bfr: str = "pdf", device: str | torch.device = "cpu",
                 bfr_params: Mapping[str, Any] | None = None,
                 field_mapping: FieldMapping | None = None,
-                inverter: Callable | None = None) -> Reconstruction:
+                inverter: Callable | None = None,
+                max_phase_step_rad: float | None = math.pi / 2) -> Reconstruction:
     """Reconstruct chi (ppm) from a sample dict (keys of :mod:`qsmnet.transforms.base`).
 
     Parameters
@@ -64,6 +71,12 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
     method : dipole inversion (see :func:`qsmnet.inference.dipole.make_inverter`).
     bfr : background-field removal: ``pdf`` (default), ``vsharp`` or ``resharp``.
     inverter : a ready inverter (overrides ``method``; lets callers load a network once).
+    max_phase_step_rad : from phase, voxels whose field jumps by more than this phase (at the
+        spatially unwrapped echo) from a neighbour are treated as unreliable (2pi aliasing next
+        to air): PDF gives them zero weight, and their local field is filled in from reliable
+        neighbours before the inversion (filling the *total* field before an SMV filter was
+        worse: V-SHARP 104 vs 82 % chi NRMSE on a head phantom, the fill being less accurate on
+        steep fields than the few wrong voxels it replaces). ``None`` turns this off.
     """
     if start not in STARTS:
         raise ValueError(f"start must be one of {STARTS}, got {start!r}")
@@ -107,14 +120,24 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
     if not bool(mask.any()):
         raise QSMInputError("the mask is empty")
 
+    unreliable = None
     if start in ("phase", "totalfield"):
         if total is None:
             total = to_dev(sample["field_ppm"])
-        kwargs = dict(bfr_params or {})
-        if bfr == "pdf":
-            kwargs.setdefault("b0_dir", tuple(b0.tolist()))
         t0 = time.perf_counter()
-        local, chi_mask = BFR_METHODS[bfr](total, mask, tuple(vs.tolist()), **kwargs)
+        kwargs = dict(bfr_params or {})
+        if start == "phase" and max_phase_step_rad is not None:
+            te_ref = float(check_te_s(sample["te_s"])[fm.ref_index])
+            unreliable = unreliable_phase_mask(total, mask, te_ref, float(sample["b0_t"]),
+                                               max_phase_step_rad)
+            params["unreliable_voxels"] = int(unreliable.sum())
+            if bfr == "pdf" and "weights" not in kwargs:
+                kwargs["weights"] = (mask & ~unreliable).to(total.dtype)
+        local, chi_mask = remove_background(bfr, total, mask, tuple(vs.tolist()),
+                                            tuple(b0.tolist()), **kwargs)
+        if unreliable is not None:
+            local = reference_to_mask_mean(
+                fill_unreliable(local, chi_mask, unreliable & chi_mask, vs.tolist()), chi_mask)
         _sync(device)
         timings["background_removal"] = time.perf_counter() - t0
         if not bool(chi_mask.any()):
@@ -131,7 +154,11 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
     params["method"] = getattr(inverter, "name", None) or str(method)
     params["method_params"] = {k: v for k, v in getattr(inverter, "params", {}).items()
                                if k != "model_config"}
+    if getattr(inverter, "refine_iterations", 0):
+        params["method_params"].update(refine_iterations=inverter.refine_iterations,
+                                       refine_weight=inverter.refine_weight)
     cpu = (lambda x: None if x is None else x.detach().to("cpu"))  # noqa: E731
     return Reconstruction(chi_ppm=cpu(chi), local_field_ppm=cpu(local), chi_mask=cpu(chi_mask),
                           mask=cpu(mask), total_field_ppm=cpu(total), field_noise_ppm=cpu(noise),
+                          unreliable_mask=cpu(unreliable),
                           timings_s=timings, params=params)

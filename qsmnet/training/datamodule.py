@@ -33,6 +33,7 @@ from qsmnet.models.inputs import ESTIMATES, PRECOMPUTED_PREFIX, classical_estima
 from qsmnet.simulation.config import SimulationConfig, make_config
 from qsmnet.simulation.sampling import derive_seed
 from qsmnet.simulation.simulator import QSMSimulator
+from qsmnet.transforms.background import BFR_METHODS, remove_background
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,18 @@ class SimulatedDataset(Dataset):
     sim_threads : torch intra-op threads while simulating on the CPU (restored afterwards), or
         None to leave the setting alone. The simulator runs many small tensor operations, which
         one thread does fastest; extra threads only pay off for large FFTs on an idle machine.
+    estimates, estimate_params : see :class:`SimulatedQSMDataModule`.
+    bfr, bfr_params : see :class:`SimulatedQSMDataModule`.
     """
 
     def __init__(self, simulator: QSMSimulator, shape: Sequence[int], length: int, seed: int,
                  stream: int = TRAIN_STREAM, device: str | torch.device = "cpu",
                  sim_threads: int | None = None, estimates: Sequence[str] = (),
-                 estimate_params: Mapping[str, Any] | None = None) -> None:
+                 estimate_params: Mapping[str, Any] | None = None, bfr: str | None = None,
+                 bfr_params: Mapping[str, Any] | None = None) -> None:
         self.simulator = simulator
+        self.bfr = bfr
+        self.bfr_params = dict(bfr_params or {})
         self.estimates = tuple(estimates)
         self.estimate_params = dict(estimate_params or {})
         self.sim_threads = sim_threads
@@ -83,6 +89,8 @@ class SimulatedDataset(Dataset):
 
     def _make(self, seed: int) -> dict[str, torch.Tensor]:
         sample = self.simulator(self.shape, seed, device=self.device)
+        if self.bfr is not None:
+            sample = self._remove_background(sample)
         for name in self.estimates:
             # the network's own estimator and parameters, computed here so that slow estimates
             # (TV) run in the data workers, in parallel with the training step
@@ -91,6 +99,27 @@ class SimulatedDataset(Dataset):
                 name, field, sample["mask"], sample["voxel_size_mm"].double(),
                 sample["b0_dir"].double(), **self.estimate_params).to(field.dtype)
         return sample  # type: ignore[return-value]
+
+    def _remove_background(self, sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The network input becomes what background removal makes of the total field.
+
+        ``local_field_ppm`` is replaced by ``bfr(total_field_ppm)`` (what inference from phase
+        gives the network); the simulated local field, which the chi truth produces exactly,
+        moves to ``local_field_true_ppm`` for the data-consistency loss. The mask becomes the
+        one the method returns a field on (PDF: unchanged; SMV methods: eroded).
+        """
+        if "total_field_ppm" not in sample:
+            raise ValueError(f"data.bfr={self.bfr!r} needs the total field: set "
+                             "data.simulator.with_total_field=true")
+        mask = sample["mask"][0] != 0
+        local, out_mask = remove_background(
+            self.bfr, sample["total_field_ppm"][0], mask, sample["voxel_size_mm"].double(),
+            sample["b0_dir"].double(), **self.bfr_params)
+        out = dict(sample)
+        out["local_field_true_ppm"] = sample["local_field_ppm"] * out_mask.to(local.dtype)
+        out["local_field_ppm"] = local.to(sample["local_field_ppm"].dtype)[None]
+        out["mask"] = out_mask.to(sample["mask"].dtype)[None]
+        return out
 
     def __getitem__(self, index: Index) -> dict[str, torch.Tensor]:
         seed = self.sample_seed(index)
@@ -193,6 +222,13 @@ class SimulatedQSMDataModule(L.LightningDataModule):
         checked when training starts).
     estimate_params : keyword arguments of ``classical_estimate`` (``tv_lam``,
         ``tv_iterations``, ``pad``, ...).
+    bfr : None, or a background-removal method (``"pdf"``, ``"vsharp"``, ``"resharp"``) applied
+        to each sample's total field (needs ``simulator.with_total_field``): the network then
+        learns to invert *background-removed* fields, as inference from phase gives it, with
+        whatever part of the local field the method removes (the harmonic-looking field of
+        sources at the mask edge). The simulated local field goes to ``local_field_true_ppm``
+        (used by the data-consistency loss) and the mask to the one the method returns.
+    bfr_params : keyword arguments of that method.
     """
 
     def __init__(self, patch_size: int | Sequence[int] = 64, batch_size: int = 2,
@@ -203,8 +239,13 @@ class SimulatedQSMDataModule(L.LightningDataModule):
                  val_patch_size: int | Sequence[int] | None = None, pin_memory: bool = False,
                  persistent_workers: bool = True, prefetch_factor: int | None = None,
                  sim_threads: int | None = 1, estimates: Sequence[str] = (),
-                 estimate_params: Mapping[str, Any] | None = None) -> None:
+                 estimate_params: Mapping[str, Any] | None = None, bfr: str | None = None,
+                 bfr_params: Mapping[str, Any] | None = None) -> None:
         super().__init__()
+        if bfr is not None and bfr not in BFR_METHODS:
+            raise ValueError(f"unknown data.bfr {bfr!r}; choose from {sorted(BFR_METHODS)}")
+        self.bfr = bfr
+        self.bfr_params = {k: v for k, v in dict(bfr_params or {}).items()}
         unknown = [e for e in estimates if e not in ESTIMATES]
         if unknown:
             raise ValueError(f"unknown estimates {unknown}; choose from {ESTIMATES}")
@@ -232,6 +273,9 @@ class SimulatedQSMDataModule(L.LightningDataModule):
         self.persistent_workers = bool(persistent_workers)
         self.prefetch_factor = prefetch_factor
         self.simulator_config = make_config(simulator)
+        if self.bfr is not None and not self.simulator_config.with_total_field:
+            raise ValueError(f"data.bfr={bfr!r} needs the total field: set "
+                             "data.simulator.with_total_field=true")
         self.simulator = QSMSimulator(self.simulator_config)
         self.save_hyperparameters({
             "patch_size": list(self.patch_shape), "batch_size": self.batch_size,
@@ -240,12 +284,14 @@ class SimulatedQSMDataModule(L.LightningDataModule):
             "device": str(self.device), "sim_threads": sim_threads,
             "simulator": self.simulator_config.to_dict(),
             "estimates": list(self.estimates), "estimate_params": self.estimate_params,
+            "bfr": self.bfr, "bfr_params": self.bfr_params,
         })
         self.sim_threads = sim_threads
         self.train_set = SimulatedDataset(self.simulator, self.patch_shape,
                                           self.steps_per_epoch * self.batch_size, self.seed,
                                           TRAIN_STREAM, self.device, sim_threads,
-                                          self.estimates, self.estimate_params)
+                                          self.estimates, self.estimate_params,
+                                          self.bfr, self.bfr_params)
         self.train_sampler = EpochSampler(len(self.train_set))
         self.val_set: SampleListDataset | None = None
 
@@ -254,7 +300,8 @@ class SimulatedQSMDataModule(L.LightningDataModule):
         """Simulate the validation set (same samples on every call and in every run)."""
         sim_set = SimulatedDataset(self.simulator, self.val_patch_shape, self.val_size,
                                    self.val_seed, VAL_STREAM, self.device, self.sim_threads,
-                                   self.estimates, self.estimate_params)
+                                   self.estimates, self.estimate_params, self.bfr,
+                                   self.bfr_params)
         # Stored on the CPU: Lightning moves each batch to the training device.
         return [{k: v.cpu() for k, v in sim_set[i].items()} for i in range(self.val_size)]
 

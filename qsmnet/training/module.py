@@ -131,7 +131,9 @@ class QSMLitModule(L.LightningModule):
                                                provided=provided or None)
         else:
             pred, estimates = self.net(field, mask, vs, b0), {}
-        total, parts = self.loss_fn(pred, chi, field, mask, vs, b0)
+        # With data.bfr the network sees a background-removed field; the physics term is taken
+        # against the field the truth actually produces.
+        total, parts = self.loss_fn(pred, chi, batch.get("local_field_true_ppm", field), mask, vs, b0)
         bs = chi.shape[0]
         sync = stage != "train"
         self.log(f"{stage}/loss", total, prog_bar=True, batch_size=bs, sync_dist=sync,

@@ -7,7 +7,8 @@
 * ``module`` - :class:`qsmnet.training.module.QSMLitModule` whose ``net``, ``loss``,
   ``optimizer`` and ``scheduler`` interpolate the ``model``, ``loss`` and ``optim`` groups,
 * ``trainer``, ``callbacks`` (dict of ``_target_`` nodes), ``logger`` (dict of ``_target_`` nodes),
-* ``paths``, ``seed``, ``ckpt_path``, ``task_name``, ``optimized_metric``.
+* ``paths``, ``seed``, ``ckpt_path`` (resume), ``init_from`` (fine-tune), ``task_name``,
+  ``optimized_metric``.
 """
 
 from __future__ import annotations
@@ -102,6 +103,26 @@ def check_resume_config(ckpt_path: str, module: Any) -> None:
                      f"Resume with the run's own overrides (see .hydra/overrides.yaml in its folder).")
 
 
+def init_weights(module: Any, spec: str) -> None:
+    """Start from trained weights (fine-tuning): ``spec`` is ``"unet"`` (the shipped model), a
+    release ``.pt`` or a training ``.ckpt``. The architecture must be the configured one; the
+    optimiser, step count and data stream start afresh (unlike ``ckpt_path``, which resumes)."""
+    from qsmnet.inference.model_store import load_network
+
+    source, _ = load_network(spec)
+    net = getattr(module, "net", None)
+    if not hasattr(net, "get_config"):
+        raise ValueError(f"init_from={spec!r}: the configured network is not a QSMNet")
+    saved, current = source.get_config(), net.get_config()
+    if saved != current:
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        details = "; ".join(f"model.{k}: {spec} {saved.get(k)!r}, config {current.get(k)!r}"
+                            for k in diff)
+        raise ValueError(f"init_from={spec!r} has a different architecture ({details})")
+    net.load_state_dict(source.state_dict())
+    log.info("initialised the network from %s", spec)
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate datamodule, LightningModule, callbacks, loggers and trainer from ``cfg``."""
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -146,6 +167,8 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
         check_resume_config(ckpt_path, module)
+    elif cfg.get("init_from"):
+        init_weights(module, str(cfg.init_from))
     trainer.fit(module, datamodule=parts["datamodule"], ckpt_path=ckpt_path)
     if (cfg.get("validate_at_end", True) and not trainer.fast_dev_run and trainer.global_step > 0
             and getattr(module, "last_validated_step", trainer.global_step) != trainer.global_step

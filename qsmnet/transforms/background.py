@@ -403,6 +403,24 @@ def pdf(field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm: Vec3 = (1.0,
     return _finish(local, out_mask)
 
 
+def remove_background(method: str, field_ppm: torch.Tensor, mask: torch.Tensor,
+                      voxel_size_mm: Vec3, b0_dir: Vec3 = (0.0, 0.0, 1.0),
+                      **params) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the background removal called ``method`` (a key of :data:`BFR_METHODS`).
+
+    One entry point for the inference pipeline and the training data (``data.bfr``), so that a
+    network trained on background-removed fields sees exactly what inference gives it. ``b0_dir``
+    is used by PDF only (the SMV methods do not depend on it); ``params`` are the method's keyword
+    arguments. Returns ``(local_field_ppm, mask)`` as the method does.
+    """
+    if method not in BFR_METHODS:
+        raise ValueError(f"unknown background-removal method {method!r}: use "
+                         f"{', '.join(BFR_METHODS)}")
+    if method == "pdf":
+        params = {"b0_dir": b0_dir, **params}
+    return BFR_METHODS[method](field_ppm, mask, voxel_size_mm, **params)
+
+
 # --------------------------------------------------------------------------------------------
 # Transforms
 # --------------------------------------------------------------------------------------------
@@ -487,3 +505,7 @@ class PDF(Transform):
 
     def __repr__(self) -> str:
         return f"PDF(pad={self.pad}, max_iter={self.max_iter}, tol={self.tol})"
+
+
+#: background-removal functions by name (``--bfr``, ``data.bfr``)
+BFR_METHODS = {"vsharp": vsharp, "pdf": pdf, "resharp": resharp}
