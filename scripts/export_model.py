@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     p.add_argument("--refine-iterations", type=int, default=0,
                    help="test-time data-consistency iterations recommended for this model")
     p.add_argument("--refine-weight", type=float, default=0.05)
+    p.add_argument("--refine-iterations-after-bfr", type=int, default=None,
+                   help="the same for local fields from background removal (input from phase; "
+                        "default: --refine-iterations); choose it with "
+                        "scripts/tune_refinement.py --bfr pdf")
     p.add_argument("--notes", default="")
     a = p.parse_args(argv)
 
@@ -63,6 +67,8 @@ def main(argv=None) -> int:
             val.setdefault("val/nrmse (best)", float(cb["best_model_score"]))
     meta = {"name": a.name, "global_step": int(ckpt.get("global_step", 0)),
             "epoch": int(ckpt.get("epoch", 0)), "refine_iterations": a.refine_iterations,
+            "refine_iterations_after_bfr": (a.refine_iterations if a.refine_iterations_after_bfr
+                                            is None else a.refine_iterations_after_bfr),
             "refine_weight": a.refine_weight, "validation": val, "train_overrides": overrides,
             "data": cfg.get("data", {}), "loss": cfg.get("loss", {}), "optim": cfg.get("optim", {}),
             "seed": cfg.get("seed"), "notes": a.notes,
@@ -83,7 +89,9 @@ def main(argv=None) -> int:
 - **Reproduce**: `{cmd}`
 - **Validation** (fixed simulated validation set, stored in the checkpoint): {json.dumps(val)}
 - **Recommended test-time data consistency**: {a.refine_iterations} CG iterations, weight
-  {a.refine_weight} (`qsmnet.inference.dipole.dc_refine`).
+  {a.refine_weight} (`qsmnet.inference.dipole.dc_refine`) on a given local field (dipole
+  stage); {meta['refine_iterations_after_bfr']} on a local field from background removal (input
+  from phase or total field: `predict`, `run-stage end-to-end`).
 - **Accuracy on qsm-forward head phantoms**: see `docs/benchmarks.md`.
 - **Notes**: {a.notes}
 """

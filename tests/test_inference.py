@@ -272,3 +272,21 @@ def test_tv_with_dc_iterations_refines_against_the_field(tmp_path, acquisition):
         assert abs(chi[m].mean()) < 1e-6 and not chi[~m].any()
     assert residual["20"] < 0.8 * residual["0"], residual
     assert nrmse["20"] < nrmse["0"], nrmse
+
+
+def test_refinement_setting_follows_where_the_local_field_comes_from(tmp_path):
+    """A model file can recommend one refinement for a given local field and another for one
+    out of background removal; predict / end-to-end use the second, the dipole stage the
+    first, an explicit count overrides both, and a file without the second key uses the first."""
+    net = QSMNet(channels=["local_field", "l2", "mask"], residual_from="l2", unet={"features": [4, 8]})
+    both = save_release(net, tmp_path / "both.pt", {"refine_iterations": 30,
+                                                    "refine_iterations_after_bfr": 0,
+                                                    "refine_weight": 0.002})
+    one = save_release(net, tmp_path / "one.pt", {"refine_iterations": 7})
+    assert make_inverter(str(both)).refine_iterations == 30
+    assert make_inverter(str(both), after_bfr=True).refine_iterations == 0
+    assert make_inverter(str(both), refine_iterations=5, after_bfr=True).refine_iterations == 5
+    assert make_inverter(str(one), after_bfr=True).refine_iterations == 7
+    meta = load_network("unet")[1]
+    assert make_inverter("unet", after_bfr=True).refine_iterations == \
+        meta["refine_iterations_after_bfr"]

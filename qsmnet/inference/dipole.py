@@ -151,14 +151,18 @@ class ClassicalInverter:
 
 
 def make_inverter(method: str | os.PathLike = "unet", device: str | torch.device = "cpu",
-                  refine_iterations: int | None = None, **params) -> Callable:
+                  refine_iterations: int | None = None, after_bfr: bool = False,
+                  **params) -> Callable:
     """Build the dipole inversion named ``method`` (see module docstring).
 
     ``params`` go to the classical function (e.g. ``threshold`` for tkd, ``alpha`` for l2,
     ``lam``/``max_iter`` for tv) or to :class:`NetworkInverter` (``margin``, ``refine_weight``).
-    For networks, ``refine_iterations`` defaults to what the model file recommends (its metadata
-    ``refine_iterations``), else 0; classical methods default to 0 and, when it is given, are
-    refined the same way (weight :data:`CLASSICAL_REFINE_WEIGHT` unless ``refine_weight``).
+    For networks, ``refine_iterations`` defaults to what the model file recommends: its metadata
+    ``refine_iterations`` for an exact local field, or ``refine_iterations_after_bfr`` when
+    ``after_bfr`` (the local field comes out of background removal, whose errors a strong data
+    term would fit; the shipped model's setting is 0, chosen on simulated validation fields);
+    else 0. Classical methods default to 0 and, when it is given, are refined the same way
+    (weight :data:`CLASSICAL_REFINE_WEIGHT` unless ``refine_weight``).
     """
     method = os.fspath(method)
     if refine_iterations is not None and refine_iterations < 0:
@@ -173,6 +177,8 @@ def make_inverter(method: str | os.PathLike = "unet", device: str | torch.device
                             "(.pt / .ckpt)")
     net, meta = load_network(method, device)
     if refine_iterations is None:
-        refine_iterations = int(meta.get("refine_iterations", 0))
+        key = ("refine_iterations_after_bfr"
+               if after_bfr and "refine_iterations_after_bfr" in meta else "refine_iterations")
+        refine_iterations = int(meta.get(key, 0))
     params.setdefault("refine_weight", float(meta.get("refine_weight", 0.05)))
     return NetworkInverter(net, refine_iterations=refine_iterations, metadata=meta, **params)

@@ -88,7 +88,8 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
     b0 = torch.as_tensor(sample["b0_dir"], dtype=torch.float64).reshape(3)
     timings: dict[str, float] = {}
     params: dict[str, Any] = {"start": start, "bfr": bfr, "device": str(device)}
-    inverter = inverter if inverter is not None else make_inverter(method, device)
+    if inverter is None:
+        inverter = make_inverter(method, device, after_bfr=start != "localfield")
 
     def to_dev(x):
         return torch.as_tensor(x).to(device=device, dtype=torch.float32)

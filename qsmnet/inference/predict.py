@@ -80,7 +80,8 @@ def run_predict(args) -> int:
     jobs = _jobs_from_args(args)
     t0 = time.perf_counter()
     inverter = make_inverter(args.method, device,
-                             refine_iterations=getattr(args, "dc_iterations", None))
+                             refine_iterations=getattr(args, "dc_iterations", None),
+                             after_bfr=True)
     load_s = time.perf_counter() - t0
     bfr = args.bfr
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -53,7 +53,8 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
         out, params = field.cpu(), {"method": "laplacian unwrap + MCPC-3D-S + WLS fit"}
     else:
         start = {"bfr": "totalfield", "dipole": "localfield", "end-to-end": "phase"}[stage]
-        inverter = (make_inverter(method, device, refine_iterations=dc_iterations)
+        inverter = (make_inverter(method, device, refine_iterations=dc_iterations,
+                                  after_bfr=stage == "end-to-end")
                     if stage != "bfr" else (lambda *a: a[0]))
         rec = reconstruct(sample, inverter=inverter, start=start, bfr=bfr, device=device)
         out = rec.local_field_ppm if stage == "bfr" else rec.chi_ppm
