@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
 import textwrap
@@ -85,6 +86,11 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "field carries background-removal errors)")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to run; auto = cuda when available, else cpu (default: %(default)s)")
+    p.add_argument("--max-phase-step", type=float, default=math.pi / 2, metavar="RAD",
+                   help="from phase: voxels whose field jumps by more than this phase (rad, at the "
+                        "spatially unwrapped echo) from a neighbour are unreliable (2pi aliasing "
+                        "next to air) and kept out of background removal; 0 turns the test off "
+                        "(default: pi/2)")
     p.add_argument("--bfr", default="pdf", choices=("pdf", "vsharp", "resharp"),
                    help="background-field removal (default: %(default)s; pdf keeps the whole "
                         "mask, vsharp/resharp erode it)")

@@ -290,3 +290,20 @@ def test_refinement_setting_follows_where_the_local_field_comes_from(tmp_path):
     meta = load_network("unet")[1]
     assert make_inverter("unet", after_bfr=True).refine_iterations == \
         meta["refine_iterations_after_bfr"]
+
+
+def test_end_to_end_records_the_unreliable_phase_test_and_can_turn_it_off(tmp_path, acquisition):
+    write_stage_folder(tmp_path / "in", acquisition, "end-to-end")
+    counts = {}
+    for step in ("0.3", "0"):
+        out = tmp_path / f"step{step}"
+        assert main(["run-stage", "end-to-end", str(tmp_path / "in"), str(out), "--method", "tkd",
+                     "--device", "cpu", "--max-phase-step", step]) == 0
+        counts[step] = json.loads((out / "chimap.json").read_text())["parameters"].get(
+            "unreliable_voxels")
+    # a strict limit (0.3 rad at TE1 = 0.37 ppm between neighbours at 3 T) flags the steep
+    # field next to this phantom's sinuses; 0 switches the test off
+    assert counts["0.3"] > 0 and counts["0"] is None, counts
+    assert main(["run-stage", "end-to-end", str(tmp_path / "in"), str(tmp_path / "neg"),
+                 "--method", "tkd", "--max-phase-step", "-1"]) == 2
+    assert not (tmp_path / "neg" / "chimap.nii.gz").exists()

@@ -7,6 +7,7 @@ the method is loaded once, then each acquisition is reconstructed and written wi
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def run_predict(args) -> int:
                              after_bfr=True)
     load_s = time.perf_counter() - t0
     bfr = args.bfr
+    step = getattr(args, "max_phase_step", math.pi / 2) or None
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress:
@@ -91,7 +93,8 @@ def run_predict(args) -> int:
         for acq, chimap in jobs:
             progress.update(task, description=f"{acq.name}")
             sample = acq.to_sample(device="cpu")
-            rec = reconstruct(sample, inverter=inverter, start="phase", bfr=bfr, device=device)
+            rec = reconstruct(sample, inverter=inverter, start="phase", bfr=bfr, device=device,
+                              max_phase_step_rad=step)
             written = write_reconstruction(
                 rec, chimap, acq.affine, acq.header, acq.voxel_size_mm, _inputs_record(acq),
                 preview=not args.no_preview, timings_extra={"model_load": load_s})

@@ -16,6 +16,7 @@ end-to-end     phase, magnitude, mask, params.json          chimap.nii.gz
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -34,7 +35,8 @@ log = logging.getLogger("qsmnet")
 
 
 def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
-              phase_sign: int = 1, bfr: str = "pdf", dc_iterations: int | None = None) -> Path:
+              phase_sign: int = 1, bfr: str = "pdf", dc_iterations: int | None = None,
+              max_phase_step_rad: float | None = math.pi / 2) -> Path:
     """Run one QSM-CI stage; returns the path of the written output.
 
     ``dc_iterations``: test-time data-consistency iterations of a network method (None: what
@@ -56,7 +58,8 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
         inverter = (make_inverter(method, device, refine_iterations=dc_iterations,
                                   after_bfr=stage == "end-to-end")
                     if stage != "bfr" else (lambda *a: a[0]))
-        rec = reconstruct(sample, inverter=inverter, start=start, bfr=bfr, device=device)
+        rec = reconstruct(sample, inverter=inverter, start=start, bfr=bfr, device=device,
+                          max_phase_step_rad=max_phase_step_rad or None)
         out = rec.local_field_ppm if stage == "bfr" else rec.chi_ppm
         params = rec.params
         if stage == "bfr":
@@ -76,6 +79,7 @@ def run_stage_cli(args) -> int:
     """Handler of ``qsmnet run-stage`` (arguments validated by :mod:`qsmnet.cli`)."""
     path = run_stage(args.stage, args.in_dir, args.out_dir, method=args.method,
                      device=args.device, phase_sign=args.phase_sign,
-                     bfr=args.bfr, dc_iterations=getattr(args, "dc_iterations", None))
+                     bfr=args.bfr, dc_iterations=getattr(args, "dc_iterations", None),
+                     max_phase_step_rad=getattr(args, "max_phase_step", math.pi / 2))
     print(path)
     return 0
