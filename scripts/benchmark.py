@@ -328,14 +328,14 @@ def run_figures(force: bool = False) -> dict:
     from qsmnet.metrics.figures import comparison_figure, metric_vs_tilt_figure
 
     FIGURES.mkdir(parents=True, exist_ok=True)
-    inverters = {n: inv for n in ("tkd", "tv", "tv_masked", "unet-nodc", "unet")
+    inverters = {n: inv for n in ("tkd", "tv", "tv_masked", "tv_masked+dc", "unet-nodc", "unet")
                  if (inv := _inverter(n)) is not None}
     methods = list(inverters)
     name, acq = _eval_set((0,), 0.75)[0]
     local = torch.from_numpy(acq.local_field_ppm.astype(np.float32))
     mask = torch.from_numpy(acq.mask)
     preds, nrmse = {}, {}
-    for n in ("unet", "tv_masked", "tv"):
+    for n in ("unet", "tv_masked+dc", "tv_masked", "tv"):
         if n in inverters:
             chi = inverters[n](local, mask, acq.voxel_size_mm, tuple(acq.b0_dir)).numpy()
             preds[n] = chi
@@ -389,7 +389,7 @@ def _speed_worker(shape, method, device, threads, queue):
     from qsmnet.inference.pipeline import reconstruct
 
     sample = _synthetic_volume(shape)
-    inv = make_inverter(method, device)
+    inv = make_inverter(method, device, after_bfr=True)  # as `qsmnet predict` runs it
     with open("/proc/self/status") as f:
         before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
     t0 = time.perf_counter()
