@@ -8,8 +8,10 @@ release file or ``.ckpt`` checkpoint).
 
 The network path crops to the mask's bounding box plus a margin, pads to the U-Net divisor, runs
 the network (which sees the sample's own B0 direction and voxel size through its kernel-aware
-TKD / L2 input channels), optionally refines the result against the measured field with the exact dipole
-kernel of this acquisition, and restores the full grid.
+TKD / L2 / TV input channels), optionally refines the result against the measured field with the
+exact dipole kernel of this acquisition (:func:`dc_refine`), and restores the full grid. The
+classical methods take the same refinement (``refine_iterations``), so that the network can be
+compared with its own first estimate plus refinement.
 """
 
 from __future__ import annotations

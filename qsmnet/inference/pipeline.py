@@ -20,9 +20,9 @@ from qsmnet.io.errors import QSMInputError
 from qsmnet.transforms.background import BFR_METHODS, remove_background
 from qsmnet.transforms.field_mapping import FieldMapping
 from qsmnet.transforms.inversion import reference_to_mask_mean
+from qsmnet.transforms.masking import BrainMask
 from qsmnet.transforms.multi_echo import check_te_s
 from qsmnet.transforms.reliability import fill_unreliable, unreliable_phase_mask
-from qsmnet.transforms.masking import BrainMask
 
 STARTS = ("phase", "totalfield", "localfield")
 
