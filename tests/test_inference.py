@@ -307,3 +307,12 @@ def test_end_to_end_records_the_unreliable_phase_test_and_can_turn_it_off(tmp_pa
     assert main(["run-stage", "end-to-end", str(tmp_path / "in"), str(tmp_path / "neg"),
                  "--method", "tkd", "--max-phase-step", "-1"]) == 2
     assert not (tmp_path / "neg" / "chimap.nii.gz").exists()
+
+
+def test_record_names_the_model_file_that_ran(tmp_path, acquisition, tiny_release):
+    path, _ = tiny_release
+    write_stage_folder(tmp_path / "in", acquisition, "dipole")
+    assert main(["run-stage", "dipole", str(tmp_path / "in"), str(tmp_path / "out"), "--method",
+                 str(path), "--device", "cpu", "--dc-iterations", "0"]) == 0
+    params = json.loads((tmp_path / "out" / "chimap.json").read_text())["parameters"]
+    assert params["method"] == str(path) and params["method_params"]["refine_iterations"] == 0

@@ -93,8 +93,8 @@ def run_predict(args) -> int:
         for acq, chimap in jobs:
             progress.update(task, description=f"{acq.name}")
             sample = acq.to_sample(device="cpu")
-            rec = reconstruct(sample, inverter=inverter, start="phase", bfr=bfr, device=device,
-                              max_phase_step_rad=step)
+            rec = reconstruct(sample, method=str(args.method), inverter=inverter, start="phase",
+                              bfr=bfr, device=device, max_phase_step_rad=step)
             written = write_reconstruction(
                 rec, chimap, acq.affine, acq.header, acq.voxel_size_mm, _inputs_record(acq),
                 preview=not args.no_preview, timings_extra={"model_load": load_s})

@@ -58,8 +58,8 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
         inverter = (make_inverter(method, device, refine_iterations=dc_iterations,
                                   after_bfr=stage == "end-to-end")
                     if stage != "bfr" else (lambda *a: a[0]))
-        rec = reconstruct(sample, inverter=inverter, start=start, bfr=bfr, device=device,
-                          max_phase_step_rad=max_phase_step_rad or None)
+        rec = reconstruct(sample, method=str(method), inverter=inverter, start=start, bfr=bfr,
+                          device=device, max_phase_step_rad=max_phase_step_rad or None)
         out = rec.local_field_ppm if stage == "bfr" else rec.chi_ppm
         params = rec.params
         if stage == "bfr":
