@@ -146,6 +146,7 @@ def evaluate(name: str, arrays: dict) -> dict:
         remove_phase_offset,
         temporal_unwrap,
     )
+    from qsmnet.transforms.reliability import unreliable_phase_mask
     from qsmnet.transforms.unwrap import unwrap_laplacian
 
     phase = torch.from_numpy(arrays["phase"])
@@ -196,6 +197,15 @@ def evaluate(name: str, arrays: dict) -> dict:
     res["aliased_voxels_te1"] = int(aliased_voxels(2 * math.pi * GQF * b0 * te[0] * truth,
                                                    mask_np).sum())
     res["offset_error_rad_std"] = float(off_err[mask_np].std())
+    # The automatic unreliable-phase test of the inference pipeline (no truth needed): how many
+    # voxels it flags, how many of the wrong-2pi voxels it catches, and the field error outside
+    # what it flags.
+    flagged = unreliable_phase_mask(torch.from_numpy(field), mask, te[fm.ref_index], b0).numpy()
+    wrong_map = np.zeros_like(mask_np)
+    wrong_map[mask_np] = wrong_any
+    res["unreliable_flagged_voxels"] = int(flagged.sum())
+    res["wrong_2pi_voxels_flagged"] = int((wrong_map & flagged).sum())
+    res["mask_without_flagged"] = field_metrics(field, truth, mask_np & ~flagged)
 
     auto, _, _ = FieldMapping()(phase, mag, te, b0, None, vs)
     auto_field = auto.numpy().astype(np.float64)
@@ -391,7 +401,8 @@ def main(argv=None) -> int:
         cases += evaluation_cases(args.seeds, args.scale, args.cache)
         results["accuracy"] = []
         print(f"{'case':24s} {'NRMSE%':>7s} {'ero1%':>7s} {'no2pi%':>7s} {'wrong2pi':>9s} "
-              f"{'aliased':>7s} {'dice':>6s} {'auto%':>6s}", flush=True)
+              f"{'aliased':>7s} {'dice':>6s} {'auto%':>6s} {'flagged':>7s} {'caught':>9s} "
+              f"{'unflag%':>7s}", flush=True)
         for name, arrays in cases:
             r = evaluate(name, arrays)
             results["accuracy"].append(r)
@@ -399,7 +410,10 @@ def main(argv=None) -> int:
                   f"{r['mask_without_wrong_2pi']['nrmse']:7.2f} "
                   f"{r['wrong_2pi_fraction_any_echo']:9.1e} {r['aliased_voxels_te1']:7d} "
                   f"{r['auto_mask']['dice']:6.3f} "
-                  f"{r['auto_mask']['on_intersection']['nrmse']:6.2f}", flush=True)
+                  f"{r['auto_mask']['on_intersection']['nrmse']:6.2f} "
+                  f"{r['unreliable_flagged_voxels']:7d} "
+                  f"{r['wrong_2pi_voxels_flagged']:4d}/{r['wrong_2pi_voxels']:<4d} "
+                  f"{r['mask_without_flagged']['nrmse']:7.2f}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=float))
