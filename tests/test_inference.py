@@ -301,6 +301,14 @@ def test_end_to_end_records_the_unreliable_phase_test_and_can_turn_it_off(tmp_pa
                      "--device", "cpu", "--max-phase-step", step]) == 0
         counts[step] = json.loads((out / "chimap.json").read_text())["parameters"].get(
             "unreliable_voxels")
+        flagged = out / "unreliable_mask.nii.gz"
+        if counts[step] is None:
+            assert not flagged.exists()
+        else:
+            img = nib.load(flagged)
+            np.testing.assert_allclose(img.affine, acquisition.affine, atol=1e-6)
+            assert int(img.get_fdata().sum()) == counts[step]
+            assert not (img.get_fdata().astype(bool) & ~acquisition.mask).any()
     # a strict limit (0.3 rad at TE1 = 0.37 ppm between neighbours at 3 T) flags the steep
     # field next to this phantom's sinuses; 0 switches the test off
     assert counts["0.3"] > 0 and counts["0"] is None, counts

@@ -25,14 +25,16 @@ from qsmnet.io.nifti import save_nifti
 def output_paths(chimap: Path, names: Mapping[str, str] | None = None) -> dict[str, Path]:
     """Companion paths of a chimap path: one per output key, beside it.
 
-    ``names`` maps output keys (``totalfield``, ``localfield``, ``mask``, ``preview``, ``record``)
-    to file names; by default a BIDS-style stem ``<stem>_<Key>`` is used.
+    ``names`` maps output keys (``totalfield``, ``localfield``, ``mask``, ``unreliable``,
+    ``preview``, ``record``) to file names; by default a BIDS-style stem ``<stem>_<Key>`` is used.
     """
     stem = chimap.name[: -len("_Chimap.nii.gz")] if chimap.name.endswith("_Chimap.nii.gz") else None
     default = {
         "totalfield": f"{stem}_desc-total_fieldmap.nii.gz" if stem else "totalfield.nii.gz",
         "localfield": f"{stem}_desc-local_fieldmap.nii.gz" if stem else "localfield.nii.gz",
         "mask": f"{stem}_desc-qsm_mask.nii.gz" if stem else "mask.nii.gz",
+        "unreliable": (f"{stem}_desc-unreliable_mask.nii.gz" if stem
+                       else "unreliable_mask.nii.gz"),
         "preview": f"{stem}_Chimap.png" if stem else "chimap.png",
         "record": f"{stem}_Chimap.json" if stem else "chimap.json",
     }
@@ -53,6 +55,11 @@ def write_reconstruction(rec: Reconstruction, chimap_path: str | Path, affine: n
         if vol is not None:
             written[key] = save_nifti(paths[key], vol.numpy(), affine, header)
     written["mask"] = save_nifti(paths["mask"], mask, affine, header, dtype=np.uint8)
+    if rec.unreliable_mask is not None:
+        # the voxels kept out of background removal and filled in (phase input)
+        written["unreliable"] = save_nifti(paths["unreliable"],
+                                           rec.unreliable_mask.numpy().astype(np.uint8), affine,
+                                           header, dtype=np.uint8)
     chi = rec.chi_ppm.numpy()
     if preview:
         save_preview(paths["preview"], chi, mask, tuple(float(v) for v in voxel_size_mm),

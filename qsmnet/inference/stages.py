@@ -39,8 +39,10 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
               max_phase_step_rad: float | None = math.pi / 2) -> Path:
     """Run one QSM-CI stage; returns the path of the written output.
 
-    ``dc_iterations``: test-time data-consistency iterations of a network method (None: what
-    the model recommends; 0: off); ignored by the classical methods.
+    ``dc_iterations``: test-time data-consistency iterations after the inversion (None: what
+    the model recommends for this input, 0 for the classical methods; 0: off).
+    ``max_phase_step_rad``: the unreliable-phase limit of :func:`reconstruct` (end-to-end; 0 or
+    None: off); the flagged voxels are written beside the output as ``unreliable_mask.nii.gz``.
     """
     inputs = read_qsmci_inputs(in_dir, stage, phase_sign=phase_sign)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
@@ -66,6 +68,11 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
             params = {"bfr": bfr}
     seconds = time.perf_counter() - t0
     out_dir = Path(out_dir)
+    if stage == "end-to-end" and rec.unreliable_mask is not None:
+        # beside the canonical output: the voxels kept out of background removal and filled in
+        save_nifti(out_dir / "unreliable_mask.nii.gz",
+                   rec.unreliable_mask.numpy().astype(np.uint8), inputs.affine, inputs.header,
+                   dtype=np.uint8)
     atomic_write_json(out_dir / f"{inputs.output_name.split('.')[0]}.json",
                       {"stage": stage, "input": str(in_dir), "parameters": params,
                        "seconds": seconds, "units": "ppm"})
