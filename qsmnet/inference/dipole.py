@@ -2,9 +2,9 @@
 
 ``make_inverter(method)`` returns a callable
 ``inverter(local_field_ppm, mask, voxel_size_mm, b0_dir) -> chi_ppm`` on ``(X, Y, Z)`` tensors,
-for ``tkd``, ``l2``, ``tv`` (the classical baselines; ``tv`` with the data term on the brain mask,
-:func:`tv_brain_data`), ``unet`` (the shipped network) or a path to a trained model (``.pt``
-release file or ``.ckpt`` checkpoint).
+for ``tkd``, ``l2``, ``tv`` (the classical baselines; ``tv`` with the data term on the brain
+mask, :func:`~qsmnet.transforms.inversion.tv_brain_data`), ``unet`` (the shipped network) or a
+path to a trained model (``.pt`` release file or ``.ckpt`` checkpoint).
 
 The network path crops to the mask's bounding box plus a margin, pads to the U-Net divisor, runs
 the network (which sees the sample's own B0 direction and voxel size through its kernel-aware
@@ -32,23 +32,10 @@ from qsmnet.transforms.inversion import (
     conjugate_gradient,
     reference_to_mask_mean,
     tkd,
-    tv_admm,
+    tv_brain_data,
 )
 
 CLASSICAL_METHODS = ("tkd", "l2", "tv")
-
-
-def tv_brain_data(local_field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm, b0_dir,
-                  **params) -> torch.Tensor:
-    """TV-ADMM whose data term covers the brain mask only (``tv_admm(..., weights=mask)``).
-
-    The ``tv`` method of qsmnet: the local field is unknown outside the mask, and dropping the
-    false "field = 0 there" constraint of the whole-grid data term is what helps most (head
-    phantoms, true local field: 13-15 % NRMSE against 33-34 % for the whole-grid variant, see
-    docs/benchmarks.md). ``params`` go to :func:`qsmnet.transforms.inversion.tv_admm`.
-    """
-    return tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir,
-                   weights=mask.to(local_field_ppm.dtype), **params)
 
 
 def dc_refine(chi0: torch.Tensor, local_field_ppm: torch.Tensor, mask: torch.Tensor,
@@ -130,16 +117,23 @@ class ClassicalInverter:
 
     name: str
     fn: Callable
-    params: dict[str, Any] = field(default_factory=dict)
+    fn_params: dict[str, Any] = field(default_factory=dict)
     refine_iterations: int = 0
     refine_weight: float = CLASSICAL_REFINE_WEIGHT
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """What runs (recorded in outputs): the function's arguments and any refinement."""
+        refine = ({"refine_iterations": self.refine_iterations, "refine_weight": self.refine_weight}
+                  if self.refine_iterations > 0 else {})
+        return {**self.fn_params, **refine}
 
     @torch.no_grad()
     def __call__(self, local_field_ppm, mask, voxel_size_mm, b0_dir) -> torch.Tensor:
         vs = tuple(float(v) for v in torch.as_tensor(voxel_size_mm).reshape(3))
         b0 = tuple(float(v) for v in torch.as_tensor(b0_dir).reshape(3))
         m = mask.to(torch.bool)
-        chi = self.fn(local_field_ppm, m, vs, b0, **self.params)
+        chi = self.fn(local_field_ppm, m, vs, b0, **self.fn_params)
         if self.refine_iterations <= 0:
             return chi
         plan = plan_crop_pad(m, divisor=1, margin=8)

@@ -76,7 +76,7 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
         to air): PDF gives them zero weight, and their local field is filled in from reliable
         neighbours before the inversion (filling the *total* field before an SMV filter was
         worse: V-SHARP 104 vs 82 % chi NRMSE on a head phantom, the fill being less accurate on
-        steep fields than the few wrong voxels it replaces). ``None`` turns this off.
+        steep fields than the few wrong voxels it replaces). ``None`` or 0 turns this off.
     """
     if start not in STARTS:
         raise ValueError(f"start must be one of {STARTS}, got {start!r}")
@@ -127,7 +127,7 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
             total = to_dev(sample["field_ppm"])
         t0 = time.perf_counter()
         kwargs = dict(bfr_params or {})
-        if start == "phase" and max_phase_step_rad is not None:
+        if start == "phase" and max_phase_step_rad:
             te_ref = float(check_te_s(sample["te_s"])[fm.ref_index])
             unreliable = unreliable_phase_mask(total, mask, te_ref, float(sample["b0_t"]),
                                                max_phase_step_rad)
@@ -155,9 +155,6 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
     params["method"] = getattr(inverter, "name", None) or str(method)
     params["method_params"] = {k: v for k, v in getattr(inverter, "params", {}).items()
                                if k != "model_config"}
-    if getattr(inverter, "refine_iterations", 0):
-        params["method_params"].update(refine_iterations=inverter.refine_iterations,
-                                       refine_weight=inverter.refine_weight)
     cpu = (lambda x: None if x is None else x.detach().to("cpu"))  # noqa: E731
     return Reconstruction(chi_ppm=cpu(chi), local_field_ppm=cpu(local), chi_mask=cpu(chi_mask),
                           mask=cpu(mask), total_field_ppm=cpu(total), field_noise_ppm=cpu(noise),

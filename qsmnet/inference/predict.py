@@ -85,7 +85,7 @@ def run_predict(args) -> int:
                              after_bfr=True)
     load_s = time.perf_counter() - t0
     bfr = args.bfr
-    step = getattr(args, "max_phase_step", math.pi / 2) or None
+    step = getattr(args, "max_phase_step", math.pi / 2)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress:

@@ -61,7 +61,7 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
                                   after_bfr=stage == "end-to-end")
                     if stage != "bfr" else (lambda *a: a[0]))
         rec = reconstruct(sample, method=str(method), inverter=inverter, start=start, bfr=bfr,
-                          device=device, max_phase_step_rad=max_phase_step_rad or None)
+                          device=device, max_phase_step_rad=max_phase_step_rad)
         out = rec.local_field_ppm if stage == "bfr" else rec.chi_ppm
         params = rec.params
         if stage == "bfr":

@@ -24,7 +24,7 @@ from qsmnet.transforms.inversion import (
     DEFAULT_TV_LAMBDA_WEIGHTED,
     closed_form_l2,
     tkd,
-    tv_admm,
+    tv_brain_data,
 )
 
 CHANNELS = ("local_field", "tkd", "l2", "tv", "mask")
@@ -41,9 +41,9 @@ def classical_estimate(name: str, field: torch.Tensor, mask: torch.Tensor, voxel
     """One first estimate (ppm, referenced to the mask mean) with per-sample geometry.
 
     ``field``/``mask``: ``(B, 1, X, Y, Z)`` (or ``(X, Y, Z)``); geometry ``(3,)`` or ``(B, 3)``.
-    ``tv`` is TV-ADMM with the data term on the mask only (``tv_admm(..., weights=mask)``,
-    ``tv_iterations`` iterations): far slower than ``tkd``/``l2`` (about 0.75 s per 48^3 sample
-    on one CPU thread), so training precomputes it in the data workers
+    ``tv`` is TV-ADMM with the data term on the mask only
+    (:func:`~qsmnet.transforms.inversion.tv_brain_data`, ``tv_iterations`` iterations): far
+    slower than ``tkd``/``l2`` (about 0.75 s per 48^3 sample on one CPU thread), so training precomputes it in the data workers
     (``SimulatedQSMDataModule(estimates=...)``) with this same function.
     """
     if name == "l2":
@@ -51,8 +51,8 @@ def classical_estimate(name: str, field: torch.Tensor, mask: torch.Tensor, voxel
     if name == "tkd":
         return tkd(field, mask, voxel_size_mm, b0_dir, threshold=tkd_threshold, pad=pad)
     if name == "tv":
-        return tv_admm(field, mask, voxel_size_mm, b0_dir, lam=tv_lam, max_iter=int(tv_iterations),
-                       weights=(mask != 0).to(field.dtype), pad=pad)
+        return tv_brain_data(field, mask, voxel_size_mm, b0_dir, lam=tv_lam,
+                             max_iter=int(tv_iterations), pad=pad)
     raise ValueError(f"unknown estimate {name!r}; choose from {ESTIMATES}")
 
 

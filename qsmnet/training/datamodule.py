@@ -106,11 +106,9 @@ class SimulatedDataset(Dataset):
         ``local_field_ppm`` is replaced by ``bfr(total_field_ppm)`` (what inference from phase
         gives the network); the simulated local field, which the chi truth produces exactly,
         moves to ``local_field_true_ppm`` for the data-consistency loss. The mask becomes the
-        one the method returns a field on (PDF: unchanged; SMV methods: eroded).
+        one the method returns a field on (PDF: unchanged; SMV methods: eroded). The data module
+        has checked that the simulator makes the total field.
         """
-        if "total_field_ppm" not in sample:
-            raise ValueError(f"data.bfr={self.bfr!r} needs the total field: set "
-                             "data.simulator.with_total_field=true")
         mask = sample["mask"][0] != 0
         local, out_mask = remove_background(
             self.bfr, sample["total_field_ppm"][0], mask, sample["voxel_size_mm"].double(),
@@ -245,12 +243,12 @@ class SimulatedQSMDataModule(L.LightningDataModule):
         if bfr is not None and bfr not in BFR_METHODS:
             raise ValueError(f"unknown data.bfr {bfr!r}; choose from {sorted(BFR_METHODS)}")
         self.bfr = bfr
-        self.bfr_params = {k: v for k, v in dict(bfr_params or {}).items()}
+        self.bfr_params = dict(bfr_params or {})
         unknown = [e for e in estimates if e not in ESTIMATES]
         if unknown:
             raise ValueError(f"unknown estimates {unknown}; choose from {ESTIMATES}")
         self.estimates = tuple(str(e) for e in estimates)
-        self.estimate_params = {k: v for k, v in dict(estimate_params or {}).items()}
+        self.estimate_params = dict(estimate_params or {})
         self.patch_shape = _patch_shape(patch_size)
         self.val_patch_shape = _patch_shape(val_patch_size) if val_patch_size is not None else self.patch_shape
         if int(batch_size) < 1 or int(steps_per_epoch) < 1 or int(val_size) < 0 or int(num_workers) < 0:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from qsmnet.physics.units import GAMMA_BAR_MHZ_PER_T
+from qsmnet.physics.units import phase_to_ppm
 from qsmnet.transforms.multi_echo import gaussian_smooth_mm
 
 __all__ = ["fill_unreliable", "phase_step_ppm", "unreliable_phase_mask"]
@@ -36,9 +36,7 @@ __all__ = ["fill_unreliable", "phase_step_ppm", "unreliable_phase_mask"]
 
 def phase_step_ppm(te_s: float, b0_t: float, step_rad: float = math.pi / 2) -> float:
     """The field step (ppm) that turns the phase by ``step_rad`` at echo time ``te_s``."""
-    if te_s <= 0 or b0_t <= 0:
-        raise ValueError(f"te_s and b0_t must be > 0, got {te_s}, {b0_t}")
-    return step_rad / (2.0 * math.pi * GAMMA_BAR_MHZ_PER_T * b0_t * te_s)
+    return float(phase_to_ppm(torch.tensor(float(step_rad), dtype=torch.float64), te_s, b0_t))
 
 
 def unreliable_phase_mask(field_ppm: torch.Tensor, mask: torch.Tensor, te_s: float, b0_t: float,
