@@ -242,6 +242,8 @@ def test_params_json_round_trip(tmp_path):
     ({"TE": [0.01], "B0": 3, "B0_dir": [0, 0, 0]}, "B0_dir"),
     ({"TE": [0.01], "B0": 3, "voxel_size": [1, 1]}, "voxel_size"),
     ([1, 2, 3], "expected a JSON object"),
+    ({"EchoTime": 0.004, "MagneticFieldStrength": 3}, r"no TE .*EchoTime -> TE, MagneticFieldStrength -> B0"),
+    ({"TE": [0.01], "MagneticFieldStrength": 3}, r"no B0 .*MagneticFieldStrength -> B0\)"),
 ])
 def test_params_json_bad(tmp_path, obj, pattern):
     p = tmp_path / "params.json"

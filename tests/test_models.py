@@ -164,6 +164,39 @@ def test_qsmnet_config_round_trip():
         assert torch.equal(net(field, mask, vs, b0), clone(field, mask, vs, b0))
 
 
+@pytest.mark.parametrize("residual_from", ["tkd", None])
+def test_rms_normalised_qsmnet_is_scale_equivariant(residual_from):
+    """The dipole inversion is linear: with normalize='rms' scaling the field by a scales the
+    prediction by a exactly (TKD first estimate is linear too); the fixed-scale network with
+    instance norm is not (the defect the option removes)."""
+    chi, field, mask, vs, b0 = _phantom(batch=2)
+    field, mask = field.double(), mask.double()
+    channels = ["local_field", "tkd", "mask"] if residual_from else ["local_field", "mask"]
+    outs = {}
+    for normalize in ("rms", None):
+        torch.manual_seed(3)
+        net = QSMNet(channels=channels, residual_from=residual_from, normalize=normalize,
+                     unet={"features": [4, 8], "zero_init_output": False}).double()
+        with torch.no_grad():
+            a, b = net(field, mask, vs, b0), net(3.7 * field, mask, vs, b0)
+        outs[normalize] = float((b - 3.7 * a).abs().max() / (3.7 * a).abs().max())
+    assert outs["rms"] < 1e-12
+    assert outs[None] > 0.1
+    # an all-zero field stays finite (amplitude floor)
+    net_zero = QSMNet(channels=channels, residual_from=residual_from, normalize="rms",
+                      unet={"features": [4, 8]})
+    assert torch.isfinite(net_zero(torch.zeros(1, 1, 8, 8, 8), torch.ones(1, 1, 8, 8, 8),
+                                   (1.0, 1.0, 1.0), (0.0, 0.0, 1.0))).all()
+    assert net_zero.get_config()["normalize"] == "rms"
+
+
+def test_qsmnet_config_without_normalize_key_keeps_fixed_scale():
+    """Checkpoints written before the option existed rebuild as fixed-scale networks."""
+    cfg = QSMNet(channels=["local_field", "tkd", "mask"], unet={"features": [4, 8]}).get_config()
+    assert cfg.pop("normalize") is None
+    assert QSMNet.from_config(cfg).normalize is None
+
+
 def test_qsmnet_rejects_bad_config():
     with pytest.raises(ValueError):
         QSMNet(channels=["phase"])
@@ -171,6 +204,8 @@ def test_qsmnet_rejects_bad_config():
         QSMNet(residual_from="medi")
     with pytest.raises(ValueError):
         QSMNet(unet={"in_channels": 4})
+    with pytest.raises(ValueError):
+        QSMNet(normalize="std")
 
 
 def _nrmse(a, b, m):

@@ -77,17 +77,22 @@ def read_params_json(path: str | os.PathLike, require_te: bool = True,
         raise QSMInputError(f"{name}: cannot parse as JSON ({exc})") from exc
     if not isinstance(obj, dict):
         raise QSMInputError(f"{name}: expected a JSON object with TE, B0, B0_dir, voxel_size")
+    # a BIDS sidecar passed as params.json is the likely mistake: say which keys to use
+    bids_hint = {"EchoTime": "TE", "MagneticFieldStrength": "B0"}
+    hint = [f"{k} -> {v}" for k, v in bids_hint.items() if k in obj and v not in obj]
+    hint_text = (f" (it has BIDS sidecar keys; params.json names them {', '.join(hint)})"
+                 if hint else "")
     te = obj.get("TE")
     if te is None or (isinstance(te, list) and not te):
         if require_te:
-            raise QSMInputError(f"{name}: no TE (echo times in seconds)")
+            raise QSMInputError(f"{name}: no TE (echo times in seconds){hint_text}")
         te_s = None
     else:
         te_s = check_te_s(te, f"{name} TE")
     b0 = obj.get("B0")
     if b0 is None:
         if require_b0:
-            raise QSMInputError(f"{name}: no B0 (field strength in tesla)")
+            raise QSMInputError(f"{name}: no B0 (field strength in tesla){hint_text}")
         b0_t = None
     else:
         b0_t = check_b0_t(b0, f"{name} B0")

@@ -29,6 +29,9 @@ from qsmnet.transforms.inversion import (
 
 CHANNELS = ("local_field", "tkd", "l2", "tv", "mask")
 ESTIMATES = ("tkd", "l2", "tv")
+#: the :func:`classical_estimate` keyword arguments each estimate depends on
+ESTIMATE_PARAMS = {"tkd": ("tkd_threshold", "pad"), "l2": ("l2_alpha", "pad"),
+                   "tv": ("tv_lam", "tv_iterations", "pad")}
 #: key prefix of estimates precomputed by the data pipeline (``estimate_tv`` ...), see
 #: :meth:`InputBuilder.forward`
 PRECOMPUTED_PREFIX = "estimate_"

@@ -5,6 +5,13 @@ closed-form L2 (or TKD) inversion with the sample's own B0 direction and voxel s
 network learns only the streak / cone-artefact correction, and ``ref`` subtracts the mean inside
 the mask (the dipole kernel has ``D(0) = 0``: the mean of chi is not determined by the field,
 so outputs are referenced to the mask mean, as everywhere in qsmnet).
+
+With ``normalize="rms"`` the fixed ``scale`` is replaced by a per-sample amplitude ``s`` (the RMS
+inside the mask of the residual estimate, or of the field without one): the ppm channels are
+divided by ``s`` and the U-Net output multiplied by it, so ``net(a * field) = a * net(field)``
+for any ``a > 0`` (up to the first estimate's own non-linearity). The dipole inversion is
+linear; without this, instance normalisation inside the U-Net discards the input amplitude and
+the correction cannot grow with the contrast it corrects.
 """
 
 from __future__ import annotations
@@ -84,6 +91,10 @@ class QSMNet(nn.Module):
         First-estimate parameters (see :class:`~qsmnet.models.inputs.InputBuilder`).
     reference : "mask_mean" | None
         Reference the output to its mean inside the mask (default) or leave it as predicted.
+    normalize : "rms" | None
+        ``"rms"``: per-sample amplitude normalisation (see the module docstring; ``scale`` is then
+        unused). ``None`` (the default, and what checkpoints without the key were trained with):
+        the fixed ``scale``.
 
     Forward: ``forward(local_field_ppm, mask, voxel_size_mm, b0_dir) -> chi_ppm``, tensors
     ``(B, 1, X, Y, Z)``, geometry ``(3,)`` or ``(B, 3)``. Any spatial size works: inputs are
@@ -101,8 +112,11 @@ class QSMNet(nn.Module):
                  residual_from: str | None = "tkd", unet: Mapping[str, Any] | None = None,
                  scale: float = 10.0, l2_alpha: float = 0.02, tkd_threshold: float = 0.15,
                  pad: str | int | None = DEFAULT_INVERSION_PAD, reference: str | None = "mask_mean",
-                 tv_lam: float = DEFAULT_TV_LAMBDA_WEIGHTED, tv_iterations: int = 100) -> None:
+                 tv_lam: float = DEFAULT_TV_LAMBDA_WEIGHTED, tv_iterations: int = 100,
+                 normalize: str | None = None) -> None:
         super().__init__()
+        if normalize not in ("rms", None):
+            raise ValueError(f"normalize must be 'rms' or None, got {normalize!r}")
         if residual_from is not None and residual_from not in ESTIMATES:
             raise ValueError(f"residual_from must be one of {ESTIMATES} or None, got {residual_from!r}")
         if reference not in ("mask_mean", None):
@@ -119,6 +133,7 @@ class QSMNet(nn.Module):
                            **unet_kwargs)
         self.residual_from = residual_from
         self.reference = reference
+        self.normalize = normalize
         self._config = {
             "channels": list(self.inputs.channels),
             "residual_from": residual_from,
@@ -130,6 +145,7 @@ class QSMNet(nn.Module):
             "reference": reference,
             "tv_lam": float(tv_lam),
             "tv_iterations": int(tv_iterations),
+            "normalize": normalize,
         }
 
     @property
@@ -164,6 +180,13 @@ class QSMNet(nn.Module):
         extra = tuple(extra_estimates) + ((self.residual_from,) if self.residual_from else ())
         x, estimates = self.inputs(local_field_ppm, mask, voxel_size_mm, b0_dir, extra=extra,
                                    provided=provided)
+        m = mask.to(x.dtype).reshape(local_field_ppm.shape)
+        if self.normalize == "rms":
+            amplitude = self._amplitude_ppm(local_field_ppm, estimates, m)
+            ppm_channels = torch.tensor([c != "mask" for c in self.inputs.channels],
+                                        device=x.device).reshape(1, -1, 1, 1, 1)
+            # InputBuilder multiplied the ppm channels by `scale`: undo it and divide by s
+            x = torch.where(ppm_channels, x / (self.scale * amplitude), x)
         shape = x.shape[-3:]
         pads = _center_pad(shape, self.size_divisor)
         if any(p != (0, 0) for p in pads):
@@ -171,14 +194,22 @@ class QSMNet(nn.Module):
         out = self.unet(x)
         out = out[..., pads[0][0]:pads[0][0] + shape[0], pads[1][0]:pads[1][0] + shape[1],
                   pads[2][0]:pads[2][0] + shape[2]]
-        m = mask.to(out.dtype)
-        chi = out / self.scale
+        chi = out * amplitude if self.normalize == "rms" else out / self.scale
         chi = reference_to_mask_mean(chi, m) if self.reference == "mask_mean" else chi * m
         if self.residual_from is not None:
             # The estimates are already masked and referenced to the mask mean, so adding the
             # referenced correction keeps the sum referenced (and a zero correction is exact).
             chi = chi + estimates[self.residual_from]
         return chi, estimates
+
+    def _amplitude_ppm(self, field: torch.Tensor, estimates: dict[str, torch.Tensor],
+                       mask: torch.Tensor) -> torch.Tensor:
+        """Per-sample RMS (ppm, ``(B, 1, 1, 1, 1)``) inside the mask of the residual estimate or
+        the field; floored at 1e-6 ppm so that an all-zero input stays finite."""
+        ref = estimates[self.residual_from] if self.residual_from is not None else field
+        ref = ref.detach() * mask
+        n = mask.sum(dim=(-3, -2, -1), keepdim=True).clamp_min(1.0)
+        return ((ref ** 2).sum(dim=(-3, -2, -1), keepdim=True) / n).sqrt().clamp_min(1e-6)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> QSMNet:

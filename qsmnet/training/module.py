@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from qsmnet.losses import QSMLoss
-from qsmnet.models.inputs import PRECOMPUTED_PREFIX, classical_estimate
+from qsmnet.models.inputs import ESTIMATE_PARAMS, PRECOMPUTED_PREFIX, classical_estimate
 from qsmnet.models.qsm_net import CHECKPOINT_CONFIG_KEY
 from qsmnet.training.metrics import volume_metrics
 from qsmnet.transforms.inversion import DEFAULT_INVERSION_PAD, tkd
@@ -103,9 +103,7 @@ class QSMLitModule(L.LightningModule):
         defaults = {k: p.default for k, p in inspect.signature(classical_estimate).parameters.items()
                     if p.kind is inspect.Parameter.KEYWORD_ONLY}
         theirs = {**defaults, **dict(getattr(dm, "estimate_params", {}))}
-        used = {"tv": ("tv_lam", "tv_iterations", "pad"), "tkd": ("tkd_threshold", "pad"),
-                "l2": ("l2_alpha", "pad")}
-        bad = {k: (theirs[k], mine[k]) for name in dm.estimates for k in used[name]
+        bad = {k: (theirs[k], mine[k]) for name in dm.estimates for k in ESTIMATE_PARAMS[name]
                if theirs[k] != mine[k]}
         if bad:
             raise ValueError("data.estimate_params differ from the model's estimate parameters "
