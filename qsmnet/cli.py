@@ -81,9 +81,10 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "trained checkpoint (default: %(default)s)")
     p.add_argument("--dc-iterations", type=int, default=None, metavar="N",
                    help="test-time data-consistency iterations after the inversion (default: "
-                        "what the model card recommends for a network, 40 for the shipped model; 0 "
-                        "for tkd/l2/tv; 0 switches it off, which is more robust when the local "
-                        "field carries background-removal errors)")
+                        "what the model card recommends for a network: for the shipped model 40 "
+                        "on a given local field (run-stage dipole) and 0 on a local field from "
+                        "background removal (predict, run-stage end-to-end), where the "
+                        "refinement would fit background-removal errors; 0 for tkd/l2/tv)")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to run; auto = cuda when available, else cpu (default: %(default)s)")
     p.add_argument("--max-phase-step", type=float, default=math.pi / 2, metavar="RAD",
