@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import math
 import os
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from qsmnet import __version__
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.qsmci import QSMCI_INPUTS, QSMCI_STAGES
 from qsmnet.io.validate import check_b0_dir, check_b0_t, check_te_s
+from qsmnet.transforms.reliability import DEFAULT_MAX_PHASE_STEP_RAD
 
 __all__ = ["BUILTIN_METHODS", "DEVICES", "build_parser", "main"]
 
@@ -87,7 +87,8 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "refinement would fit background-removal errors; 0 for tkd/l2/tv)")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to run; auto = cuda when available, else cpu (default: %(default)s)")
-    p.add_argument("--max-phase-step", type=float, default=math.pi / 2, metavar="RAD",
+    p.add_argument("--max-phase-step", type=float, default=DEFAULT_MAX_PHASE_STEP_RAD,
+                   metavar="RAD",
                    help="from phase: voxels whose field jumps by more than this phase (rad, at the "
                         "spatially unwrapped echo) from a neighbour are unreliable (2pi aliasing "
                         "next to air) and kept out of background removal; 0 turns the test off "

@@ -17,7 +17,6 @@ feeds the network), which is where the refinement's other setting is chosen::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -35,7 +35,9 @@ from qsmnet.transforms.inversion import (
     tv_brain_data,
 )
 
-CLASSICAL_METHODS = ("tkd", "l2", "tv")
+#: the classical inversions by method name
+CLASSICAL_FUNCTIONS = {"tkd": tkd, "l2": closed_form_l2, "tv": tv_brain_data}
+CLASSICAL_METHODS = tuple(CLASSICAL_FUNCTIONS)
 
 
 def dc_refine(chi0: torch.Tensor, local_field_ppm: torch.Tensor, mask: torch.Tensor,
@@ -165,7 +167,7 @@ def make_inverter(method: str | os.PathLike = "unet", device: str | torch.device
         raise QSMInputError(f"the number of data-consistency iterations must be >= 0, got "
                             f"{refine_iterations}")
     if method in CLASSICAL_METHODS:
-        fn = {"tkd": tkd, "l2": closed_form_l2, "tv": tv_brain_data}[method]
+        fn = CLASSICAL_FUNCTIONS[method]
         weight = float(params.pop("refine_weight", CLASSICAL_REFINE_WEIGHT))
         return ClassicalInverter(method, fn, params, int(refine_iterations or 0), weight)
     if method != "unet" and not method.endswith((".pt", ".ckpt")):

@@ -7,7 +7,6 @@ every intermediate map with the mask each lives on and the time each stage took.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +21,11 @@ from qsmnet.transforms.field_mapping import FieldMapping
 from qsmnet.transforms.inversion import reference_to_mask_mean
 from qsmnet.transforms.masking import BrainMask
 from qsmnet.transforms.multi_echo import check_te_s
-from qsmnet.transforms.reliability import fill_unreliable, unreliable_phase_mask
+from qsmnet.transforms.reliability import (
+    DEFAULT_MAX_PHASE_STEP_RAD,
+    fill_unreliable,
+    unreliable_phase_mask,
+)
 
 STARTS = ("phase", "totalfield", "localfield")
 
@@ -58,7 +61,7 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
                 bfr_params: Mapping[str, Any] | None = None,
                 field_mapping: FieldMapping | None = None,
                 inverter: Callable | None = None,
-                max_phase_step_rad: float | None = math.pi / 2) -> Reconstruction:
+                max_phase_step_rad: float | None = DEFAULT_MAX_PHASE_STEP_RAD) -> Reconstruction:
     """Reconstruct chi (ppm) from a sample dict (keys of :mod:`qsmnet.transforms.base`).
 
     Parameters

@@ -7,7 +7,6 @@ the method is loaded once, then each acquisition is reconstructed and written wi
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -81,11 +80,10 @@ def run_predict(args) -> int:
     jobs = _jobs_from_args(args)
     t0 = time.perf_counter()
     inverter = make_inverter(args.method, device,
-                             refine_iterations=getattr(args, "dc_iterations", None),
+                             refine_iterations=args.dc_iterations,
                              after_bfr=True)
     load_s = time.perf_counter() - t0
     bfr = args.bfr
-    step = getattr(args, "max_phase_step", math.pi / 2)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress:
@@ -94,7 +92,7 @@ def run_predict(args) -> int:
             progress.update(task, description=f"{acq.name}")
             sample = acq.to_sample(device="cpu")
             rec = reconstruct(sample, method=str(args.method), inverter=inverter, start="phase",
-                              bfr=bfr, device=device, max_phase_step_rad=step)
+                              bfr=bfr, device=device, max_phase_step_rad=args.max_phase_step)
             written = write_reconstruction(
                 rec, chimap, acq.affine, acq.header, acq.voxel_size_mm, _inputs_record(acq),
                 preview=not args.no_preview, timings_extra={"model_load": load_s})

@@ -16,7 +16,6 @@ end-to-end     phase, magnitude, mask, params.json          chimap.nii.gz
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -30,13 +29,14 @@ from qsmnet.io import read_qsmci_inputs
 from qsmnet.io.atomic import atomic_write_json
 from qsmnet.io.nifti import save_nifti
 from qsmnet.transforms.field_mapping import FieldMapping
+from qsmnet.transforms.reliability import DEFAULT_MAX_PHASE_STEP_RAD
 
 log = logging.getLogger("qsmnet")
 
 
 def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
               phase_sign: int = 1, bfr: str = "pdf", dc_iterations: int | None = None,
-              max_phase_step_rad: float | None = math.pi / 2) -> Path:
+              max_phase_step_rad: float | None = DEFAULT_MAX_PHASE_STEP_RAD) -> Path:
     """Run one QSM-CI stage; returns the path of the written output.
 
     ``dc_iterations``: test-time data-consistency iterations after the inversion (None: what
@@ -86,7 +86,7 @@ def run_stage_cli(args) -> int:
     """Handler of ``qsmnet run-stage`` (arguments validated by :mod:`qsmnet.cli`)."""
     path = run_stage(args.stage, args.in_dir, args.out_dir, method=args.method,
                      device=args.device, phase_sign=args.phase_sign,
-                     bfr=args.bfr, dc_iterations=getattr(args, "dc_iterations", None),
-                     max_phase_step_rad=getattr(args, "max_phase_step", math.pi / 2))
+                     bfr=args.bfr, dc_iterations=args.dc_iterations,
+                     max_phase_step_rad=args.max_phase_step)
     print(path)
     return 0

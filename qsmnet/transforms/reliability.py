@@ -31,16 +31,21 @@ import torch.nn.functional as F
 from qsmnet.physics.units import phase_to_ppm
 from qsmnet.transforms.multi_echo import gaussian_smooth_mm
 
-__all__ = ["fill_unreliable", "phase_step_ppm", "unreliable_phase_mask"]
+__all__ = ["DEFAULT_MAX_PHASE_STEP_RAD", "fill_unreliable", "phase_step_ppm",
+           "unreliable_phase_mask"]
+
+#: half the aliasing limit: the steep slopes around a wrong voxel are caught too
+DEFAULT_MAX_PHASE_STEP_RAD = math.pi / 2
 
 
-def phase_step_ppm(te_s: float, b0_t: float, step_rad: float = math.pi / 2) -> float:
+def phase_step_ppm(te_s: float, b0_t: float, step_rad: float = DEFAULT_MAX_PHASE_STEP_RAD
+                   ) -> float:
     """The field step (ppm) that turns the phase by ``step_rad`` at echo time ``te_s``."""
     return float(phase_to_ppm(torch.tensor(float(step_rad), dtype=torch.float64), te_s, b0_t))
 
 
 def unreliable_phase_mask(field_ppm: torch.Tensor, mask: torch.Tensor, te_s: float, b0_t: float,
-                          max_step_rad: float = math.pi / 2, dilate_voxels: int = 1
+                          max_step_rad: float = DEFAULT_MAX_PHASE_STEP_RAD, dilate_voxels: int = 1
                           ) -> torch.Tensor:
     """Voxels of ``mask`` whose field jumps by more than ``max_step_rad`` of phase at ``te_s``.
 
