@@ -125,9 +125,9 @@ def _inverter(name: str, model: str = "unet", after_bfr: bool = False):
     if name == "tv_masked+dc":
         # ``qsmnet --method tv --dc-iterations N`` with the shipped model's refinement setting:
         # what the network adds over its own first estimate and refinement
-        from qsmnet.inference.model_store import load_network
-
-        meta = load_network("unet")[1] if SHIPPED_MODEL.is_file() else {}
+        # the release's metadata copy beside it (no need to load the weights)
+        side = SHIPPED_MODEL.with_suffix(".json")
+        meta = json.loads(side.read_text()).get("metadata", {}) if side.is_file() else {}
         return make_inverter("tv", refine_iterations=int(meta.get("refine_iterations", 40)),
                              refine_weight=float(meta.get("refine_weight", 0.002)))
     if name == "tv":
