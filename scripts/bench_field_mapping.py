@@ -88,24 +88,24 @@ def timing_volume(shape, cache: Path | None) -> dict:
 def evaluation_cases(seeds, scale: float, cache: Path | None) -> list[tuple[str, dict]]:
     """The fixed evaluation set (as ``qsmforward_acquisition.evaluation_set`` builds it), one
     cached ``.npz`` per case."""
-    from qsmnet.simulation.head_phantom import head_phantom
     from qsmnet.simulation.qsmforward_acquisition import (
         EVALUATION_CASES,
-        simulate_acquisition,
-        tilted_b0,
+        EVALUATION_FINE_VOXEL_MM,
+        evaluation_set,
     )
 
     out = []
     for seed in seeds:
-        for name, vs, tilt in EVALUATION_CASES:
-            case = f"{name}_s{seed}"
-            path = cache / f"eval_{case}_scale{scale}.npz" if cache else None
+        for spec in EVALUATION_CASES:
+            case = f"{spec[0]}_s{seed}"
+            # the background-field sub-voxel size is in the name: older caches are not reused
+            path = (cache / f"eval_{case}_scale{scale}_bg{EVALUATION_FINE_VOXEL_MM}mm.npz"
+                    if cache else None)
             if path is not None and path.exists():
                 out.append((case, dict(np.load(path))))
                 continue
             print(f"simulating {case} with qsm-forward ...", flush=True)
-            acq = simulate_acquisition(head_phantom(voxel_size_mm=vs, seed=seed, scale=scale),
-                                       b0_dir=tilted_b0(tilt), peak_snr=100.0, seed=1000 + seed)
+            [(_, acq)] = evaluation_set(seeds=(seed,), scale=scale, cases=(spec,))
             arrays = acquisition_arrays(acq)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -94,12 +94,17 @@ def _machine() -> dict:
 
 def _eval_set(seeds, scale):
     """The evaluation set, cached as .npz (simulating it with qsm-forward takes minutes)."""
-    from qsmnet.simulation.qsmforward_acquisition import Acquisition, evaluation_set
+    from qsmnet.simulation.qsmforward_acquisition import (
+        EVALUATION_FINE_VOXEL_MM,
+        Acquisition,
+        evaluation_set,
+    )
 
     CACHE.mkdir(exist_ok=True)
     out = []
     for seed in seeds:
-        path = CACHE / f"evalset_s{seed}_x{scale}.npz"
+        # the background-field sub-voxel size is in the name: older caches are not reused
+        path = CACHE / f"evalset_s{seed}_x{scale}_bg{EVALUATION_FINE_VOXEL_MM}mm.npz"
         if not path.is_file():
             items = evaluation_set(seeds=(seed,), scale=scale)
             np.savez_compressed(path, names=[n for n, _ in items],
@@ -154,6 +159,7 @@ def run_accuracy(seeds, scale, force=False, end_to_end=True, inversions=INVERSIO
 
     from qsmnet.inference.pipeline import reconstruct
     from qsmnet.metrics import score
+    from qsmnet.simulation.qsmforward_acquisition import EVALUATION_FINE_VOXEL_MM
 
     path = RESULTS / "accuracy.json"
     res = {} if force else _load(path)
@@ -161,7 +167,8 @@ def run_accuracy(seeds, scale, force=False, end_to_end=True, inversions=INVERSIO
     res.setdefault("end_to_end", {})
     res["machine"] = _machine()
     res["eval_set"] = {"simulator": "qsm-forward", "scale": scale, "seeds": list(seeds),
-                       "peak_snr": 100, "b0_t": 3.0, "te_s": [0.004, 0.012, 0.020, 0.028]}
+                       "peak_snr": 100, "b0_t": 3.0, "te_s": [0.004, 0.012, 0.020, 0.028],
+                       "background_fine_voxel_mm": EVALUATION_FINE_VOXEL_MM}
     inverters = {name: _inverter(name) for name in inversions}
     # end to end, ``unet`` is what ``qsmnet predict`` runs: the model's setting for local fields
     # from background removal

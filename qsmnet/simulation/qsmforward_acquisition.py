@@ -65,11 +65,53 @@ class Acquisition:
     seg: np.ndarray
 
 
+def supersample_factors(voxel_size_mm: Sequence[float], fine_voxel_mm: float) -> tuple[int, ...]:
+    """Integer split per axis that makes every sub-voxel at most ``fine_voxel_mm`` (mm) wide."""
+    if fine_voxel_mm <= 0:
+        raise ValueError(f"fine_voxel_mm must be > 0, got {fine_voxel_mm}")
+    return tuple(max(1, int(np.ceil(float(v) / fine_voxel_mm - 1e-9))) for v in voxel_size_mm)
+
+
+def voxel_averaged_field(chi_ppm: np.ndarray, voxel_size_mm: Sequence[float],
+                         b0_dir: Sequence[float], factors: Sequence[int] | int = 1) -> np.ndarray:
+    """qsm-forward's field of ``chi_ppm`` (X, Y, Z, ppm), averaged over each voxel.
+
+    Every voxel is split into ``factors`` sub-voxels per axis carrying its susceptibility, the
+    field is computed by ``qsm_forward.generate_field`` on that finer grid and averaged back to
+    the voxel (what a voxel's signal sees, to first order). ``factors = 1`` is plain
+    ``generate_field``.
+
+    Why: with the field computed on the voxel grid itself, the sampled k-space kernel turns a
+    sharp, strong step (air at about +9 ppm against tissue) into oscillating, non-harmonic field
+    next to it. For B0 oblique to the grid this reaches well inside the brain: on the head
+    phantom tilted 25 deg, the background field alone leaves an RMS of 0.019 ppm after V-SHARP
+    and 0.016 ppm after RESHARP (twice the local field's RMS), against 0.0002 and 0.0001 ppm
+    with ``factors = 2``; a physical background field is harmonic in the brain and leaves
+    nothing. Memory: qsm-forward pads to twice the grid in float64, so ``factors = 2`` on a
+    136 x 160 x 136 head peaks at about 13 GB.
+    """
+    qf = _qsm_forward()
+    f = (int(factors),) * 3 if np.isscalar(factors) else tuple(int(k) for k in factors)
+    if len(f) != 3 or min(f) < 1:
+        raise ValueError(f"factors must be one or three positive integers, got {factors!r}")
+    if f == (1, 1, 1):
+        return qf.generate_field(chi_ppm, voxel_size=list(voxel_size_mm), B0_dir=list(b0_dir))
+    fine = chi_ppm
+    for axis, k in enumerate(f):
+        fine = np.repeat(fine, k, axis=axis)
+    field = qf.generate_field(fine, voxel_size=[v / k for v, k in zip(voxel_size_mm, f)],
+                              B0_dir=list(b0_dir))
+    del fine
+    x, y, z = chi_ppm.shape
+    return field.reshape(x, f[0], y, f[1], z, f[2]).mean(axis=(1, 3, 5))
+
+
 def simulate_acquisition(phantom: HeadPhantom, b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
                          b0_t: float = 3.0, te_s: Sequence[float] = (0.004, 0.012, 0.020, 0.028),
                          tr_s: float = 0.05, flip_angle_deg: float = 15.0,
                          peak_snr: float = 100.0, shim: bool = True, phase_offset: bool = True,
-                         seed: int = 0) -> Acquisition:
+                         seed: int = 0,
+                         background_supersample: Sequence[int] | int = 1) -> Acquisition:
     """Simulate a multi-echo GRE acquisition of ``phantom`` with qsm-forward.
 
     Parameters
@@ -83,16 +125,24 @@ def simulate_acquisition(phantom: HeadPhantom, b0_dir: Sequence[float] = (0.0, 0
         :func:`harmonic_shim_residual`).
     phase_offset : add qsm-forward's smooth quadratic phase offset phi0.
     seed : noise seed.
+    background_supersample : sub-voxels per axis (one int or three) for the field of the
+        sources outside the brain (air, bone, scalp) and of the brain's mean susceptibility;
+        see :func:`voxel_averaged_field`. The local field (the brain's own sources, the truth
+        of the dipole stage) is always qsm-forward's field on the voxel grid. The total field is
+        their sum, so ``1`` reproduces ``generate_field`` of the whole head.
     """
     qf = _qsm_forward()
     b0 = normalize_b0_dir(b0_dir)
     vs = list(phantom.voxel_size_mm)
     mask = phantom.brain_mask
-    total = qf.generate_field(phantom.chi_ppm, mask=mask, voxel_size=vs, B0_dir=list(b0))
+    chi = phantom.chi_brain_ppm
+    local_unmasked = qf.generate_field(chi, mask=mask, voxel_size=vs, B0_dir=list(b0))
+    background = voxel_averaged_field(phantom.chi_ppm - chi, vs, b0, background_supersample)
+    total = local_unmasked + background
+    total -= total[mask].mean()
     if shim:
         total = harmonic_shim_residual(total, mask, vs)
-    chi = phantom.chi_brain_ppm
-    local = qf.generate_field(chi, mask=mask, voxel_size=vs, B0_dir=list(b0)) * mask
+    local = local_unmasked * mask
     phi0 = (qf.generate_phase_offset(phantom.m0, mask, phantom.chi_ppm.shape)
             if phase_offset else np.zeros(phantom.chi_ppm.shape))
     rng = np.random.default_rng(seed)
@@ -149,18 +199,26 @@ EVALUATION_CASES = (
 )
 
 
+#: Sub-voxel size (mm) for the evaluation set's background field (:func:`voxel_averaged_field`).
+EVALUATION_FINE_VOXEL_MM = 0.5
+
+
 def evaluation_set(seeds: Sequence[int] = (0, 1), scale: float = 0.75, peak_snr: float = 100.0,
                    cases=EVALUATION_CASES, **kwargs) -> list[tuple[str, Acquisition]]:
     """The fixed set of head-like qsm-forward phantoms used for reported accuracy figures.
 
     Each seed is a distinct subject; each case applies a voxel size and B0 tilt to it.
-    ``scale`` < 1 shrinks the head (and grid) to keep CPU benchmarks quick.
+    ``scale`` < 1 shrinks the head (and grid) to keep CPU benchmarks quick. The background
+    field is computed on sub-voxels of at most ``EVALUATION_FINE_VOXEL_MM`` (see
+    :func:`voxel_averaged_field`); pass ``background_supersample`` to override.
     """
     out = []
     for seed in seeds:
         for name, vs, tilt in cases:
             ph = head_phantom(voxel_size_mm=vs, seed=seed, scale=scale)
+            opts = {"background_supersample": supersample_factors(vs, EVALUATION_FINE_VOXEL_MM),
+                    **kwargs}
             acq = simulate_acquisition(ph, b0_dir=tilted_b0(tilt), peak_snr=peak_snr,
-                                       seed=1000 + seed, **kwargs)
+                                       seed=1000 + seed, **opts)
             out.append((f"{name}_s{seed}", acq))
     return out
