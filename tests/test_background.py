@@ -146,14 +146,18 @@ def test_against_qsm_forward_field(method):
 @pytest.mark.parametrize("radius_mm, vs", [(3.0, (1.0, 1.0, 1.0)), (4.0, (0.8, 1.0, 1.6)),
                                            (12.0, (1.0, 1.0, 1.0))])
 def test_erosion_matches_scipy(radius_mm, vs):
-    """The SMV erosion (count threshold, float32) equals binary erosion by the same sphere."""
+    """The SMV erosion (count threshold, float32) equals binary erosion by the sphere's support
+    (every voxel the partial-volume sphere touches)."""
+    from qsmnet.physics.kernels import sphere_weights
+
     shape = (64, 60, 50)
     c = [(n - 1) / 2 for n in shape]
     mask = _ellipsoid(shape, c, (28, 26, 30), vs) & ~_ellipsoid(shape, (c[0] + 20, c[1], c[2]),
                                                                   (6, 6, 6), vs)
-    half = [int(np.floor(radius_mm / h + 1e-9)) for h in vs]
-    g = np.meshgrid(*[np.arange(-k, k + 1) * h for k, h in zip(half, vs)], indexing="ij")
-    ball = sum(gi ** 2 for gi in g) <= radius_mm ** 2 * (1 + 1e-9)
+    reach = radius_mm + 0.5 * np.sqrt(sum(h * h for h in vs))
+    half = [int(np.floor(reach / h)) + 1 for h in vs]
+    w = sphere_weights([2 * k + 1 for k in half], vs, radius_mm).numpy()
+    ball = np.fft.fftshift(w > 0)  # centred (2k+1)^3 structuring element
     truth = ndimage.binary_erosion(mask, structure=ball, border_value=0)
     field = torch.zeros(shape, dtype=torch.float32)
     _, out_mask = vsharp(field, torch.tensor(mask), vs, radii_mm=[radius_mm])
@@ -250,3 +254,27 @@ def test_input_errors():
         resharp(f, torch.ones(8, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="voxel_size"):
         vsharp(f, m, (1.0, -1.0, 1.0), radii_mm=[2])
+
+
+def test_partial_volume_sphere_keeps_harmonic_fields_on_anisotropic_grids():
+    """A harmonic field equals its mean over any sphere inside its domain. On a 1x1x2 mm grid the
+    partial-volume sphere keeps that far better than the binary one (whose second moments differ
+    by 9 % between x and z)."""
+    from qsmnet.physics.kernels import sphere_mask, sphere_weights
+
+    shape, vs, r = (48, 48, 24), (1.0, 1.0, 2.0), 6.0
+    axes = [(np.arange(n) - n / 2) * h for n, h in zip(shape, vs)]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    # solid harmonics of order 2 and 4 (Laplacian exactly 0)
+    h = 1e-2 * (2 * z ** 2 - x ** 2 - y ** 2) + 1e-4 * (8 * z ** 4 - 24 * z ** 2 * (x ** 2 + y ** 2)
+                                                       + 3 * (x ** 2 + y ** 2) ** 2)
+    inner = (np.abs(x) < 8) & (np.abs(y) < 8) & (np.abs(z) < 10)
+    errors = {}
+    for name, sph in (("binary", sphere_mask(shape, vs, r).double().numpy()),
+                      ("partial", sphere_weights(shape, vs, r).numpy())):
+        sph = sph / sph.sum()
+        mean = np.real(np.fft.ifftn(np.fft.fftn(h) * np.fft.fftn(sph)))
+        errors[name] = np.abs(mean - h)[inner].max() / np.abs(h[inner]).max()
+    w = sphere_weights(shape, vs, r)
+    assert float(w.sum()) * 2.0 == pytest.approx(4 / 3 * np.pi * r ** 3, rel=0.01)
+    assert errors["partial"] < 0.5 * errors["binary"], errors  # measured 0.010 vs 0.029

@@ -17,6 +17,7 @@ from qsmnet.physics.kernels import (
     laplacian_eigenvalues,
     smv_kernel,
     sphere_mask,
+    sphere_weights,
 )
 from qsmnet.physics.operators import divergence, gradient, laplacian
 from qsmnet.physics.units import (
@@ -48,4 +49,5 @@ __all__ = [
     "rotation_between",
     "smv_kernel",
     "sphere_mask",
+    "sphere_weights",
 ]
