@@ -85,7 +85,7 @@ def voxel_averaged_field(chi_ppm: np.ndarray, voxel_size_mm: Sequence[float],
     sharp, strong step (air at about +9 ppm against tissue) into oscillating, non-harmonic field
     next to it. For B0 oblique to the grid this reaches well inside the brain: on the head
     phantom tilted 25 deg, the background field alone leaves an RMS of 0.019 ppm after V-SHARP
-    and 0.016 ppm after RESHARP (twice the local field's RMS), against 0.0002 and 0.0001 ppm
+    and 0.016 ppm after RESHARP (binary spheres) (twice the local field's RMS), against 0.0002 and 0.0001 ppm
     with ``factors = 2``; a physical background field is harmonic in the brain and leaves
     nothing. Memory: qsm-forward pads to twice the grid in float64, so ``factors = 2`` on a
     136 x 160 x 136 head peaks at about 13 GB.
