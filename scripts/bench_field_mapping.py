@@ -90,7 +90,7 @@ def evaluation_cases(seeds, scale: float, cache: Path | None) -> list[tuple[str,
     cached ``.npz`` per case."""
     from qsmnet.simulation.qsmforward_acquisition import (
         EVALUATION_CASES,
-        EVALUATION_FINE_VOXEL_MM,
+        EVALUATION_SET_TAG,
         evaluation_set,
     )
 
@@ -98,9 +98,7 @@ def evaluation_cases(seeds, scale: float, cache: Path | None) -> list[tuple[str,
     for seed in seeds:
         for spec in EVALUATION_CASES:
             case = f"{spec[0]}_s{seed}"
-            # the background-field sub-voxel size is in the name: older caches are not reused
-            path = (cache / f"eval_{case}_scale{scale}_bg{EVALUATION_FINE_VOXEL_MM}mm.npz"
-                    if cache else None)
+            path = cache / f"eval_{case}_scale{scale}_{EVALUATION_SET_TAG}.npz" if cache else None
             if path is not None and path.exists():
                 out.append((case, dict(np.load(path))))
                 continue

@@ -95,7 +95,7 @@ def _machine() -> dict:
 def _eval_set(seeds, scale):
     """The evaluation set, cached as .npz (simulating it with qsm-forward takes minutes)."""
     from qsmnet.simulation.qsmforward_acquisition import (
-        EVALUATION_FINE_VOXEL_MM,
+        EVALUATION_SET_TAG,
         Acquisition,
         evaluation_set,
     )
@@ -103,8 +103,7 @@ def _eval_set(seeds, scale):
     CACHE.mkdir(exist_ok=True)
     out = []
     for seed in seeds:
-        # the background-field sub-voxel size is in the name: older caches are not reused
-        path = CACHE / f"evalset_s{seed}_x{scale}_bg{EVALUATION_FINE_VOXEL_MM}mm.npz"
+        path = CACHE / f"evalset_s{seed}_x{scale}_{EVALUATION_SET_TAG}.npz"
         if not path.is_file():
             items = evaluation_set(seeds=(seed,), scale=scale)
             np.savez_compressed(path, names=[n for n, _ in items],

@@ -140,8 +140,12 @@ def sphere_mask(shape: Sequence[int], voxel_size: Vec3, radius_mm: float,
     return (x * x + y * y + z * z) <= radius_mm * radius_mm * (1.0 + 1e-9)
 
 
+#: sub-samples per axis of a voxel the sphere's surface cuts (:func:`sphere_weights`)
+SPHERE_SUBSAMPLES = 7
+
+
 def sphere_weights(shape: Sequence[int], voxel_size: Vec3, radius_mm: float,
-                   subsamples: int = 7, device=None) -> torch.Tensor:
+                   subsamples: int = SPHERE_SUBSAMPLES, device=None) -> torch.Tensor:
     """Partial-volume sphere: the fraction of each voxel inside ``|r| <= radius_mm`` (float64).
 
     Centred on voxel 0 with periodic distances, like :func:`sphere_mask`. Voxels wholly inside
@@ -159,26 +163,36 @@ def sphere_weights(shape: Sequence[int], voxel_size: Vec3, radius_mm: float,
     if int(subsamples) < 1:
         raise ValueError(f"subsamples must be >= 1, got {subsamples}")
     vs = [float(v) for v in _as_vec3(voxel_size, "voxel_size", torch.float64, None).reshape(3)]
-    r = float(radius_mm)
+    return _sphere_weights_on(_periodic_coords(shape, vs, device), vs, float(radius_mm),
+                              int(subsamples))
+
+
+def _periodic_coords(shape: Sequence[int], vs: Sequence[float], device=None):
+    """Signed periodic coordinates (mm) of each axis, broadcastable, and the distance to 0."""
     signed = []
-    for n, d in zip(shape, vs):
+    for axis, (n, d) in enumerate(zip(shape, vs)):
         i = torch.arange(int(n), dtype=torch.float64, device=device)
-        signed.append(torch.where(i > int(n) / 2, i - int(n), i) * d)
-    x = signed[0].reshape(-1, 1, 1)
-    y = signed[1].reshape(1, -1, 1)
-    z = signed[2].reshape(1, 1, -1)
-    dist = torch.sqrt(x * x + y * y + z * z)
+        view = [1, 1, 1]
+        view[axis] = -1
+        signed.append((torch.where(i > int(n) / 2, i - int(n), i) * d).reshape(view))
+    x, y, z = signed
+    return signed, torch.sqrt(x * x + y * y + z * z)
+
+
+def _sphere_weights_on(coords, vs: Sequence[float], r: float, k: int) -> torch.Tensor:
+    """:func:`sphere_weights` on coordinates from :func:`_periodic_coords` (reusable across
+    radii on one grid)."""
+    signed, dist = coords
     half_diag = 0.5 * math.sqrt(sum(d * d for d in vs))
     w = (dist + half_diag <= r).to(torch.float64)
     cut = ((dist - half_diag) <= r) & ((dist + half_diag) > r)
     idx = cut.nonzero(as_tuple=True)
     if idx[0].numel():
-        k = int(subsamples)
-        off = (torch.arange(k, dtype=torch.float64, device=device) + 0.5) / k - 0.5
+        off = (torch.arange(k, dtype=torch.float64, device=dist.device) + 0.5) / k - 0.5
         ox, oy, oz = torch.meshgrid(off * vs[0], off * vs[1], off * vs[2], indexing="ij")
-        px = signed[0][idx[0]][:, None] + ox.reshape(1, -1)
-        py = signed[1][idx[1]][:, None] + oy.reshape(1, -1)
-        pz = signed[2][idx[2]][:, None] + oz.reshape(1, -1)
+        px = signed[0].reshape(-1)[idx[0]][:, None] + ox.reshape(1, -1)
+        py = signed[1].reshape(-1)[idx[1]][:, None] + oy.reshape(1, -1)
+        pz = signed[2].reshape(-1)[idx[2]][:, None] + oz.reshape(1, -1)
         w[idx] = ((px * px + py * py + pz * pz) <= r * r).to(torch.float64).mean(dim=1)
     return w
 

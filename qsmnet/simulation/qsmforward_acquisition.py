@@ -202,6 +202,9 @@ EVALUATION_CASES = (
 #: Sub-voxel size (mm) for the evaluation set's background field (:func:`voxel_averaged_field`).
 EVALUATION_FINE_VOXEL_MM = 0.5
 
+#: Tag for cached copies of the evaluation set: changes whenever the simulation recipe does.
+EVALUATION_SET_TAG = f"bg{EVALUATION_FINE_VOXEL_MM}mm"
+
 
 def evaluation_set(seeds: Sequence[int] = (0, 1), scale: float = 0.75, peak_snr: float = 100.0,
                    cases=EVALUATION_CASES, **kwargs) -> list[tuple[str, Acquisition]]:

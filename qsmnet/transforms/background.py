@@ -33,7 +33,12 @@ from collections.abc import Sequence
 import torch
 
 from qsmnet.physics.forward import _crop, _pad, pad_amount
-from qsmnet.physics.kernels import dipole_kernel, sphere_weights
+from qsmnet.physics.kernels import (
+    SPHERE_SUBSAMPLES,
+    _periodic_coords,
+    _sphere_weights_on,
+    dipole_kernel,
+)
 from qsmnet.transforms.base import Transform
 from qsmnet.transforms.inversion import (
     PadArg,
@@ -89,12 +94,13 @@ class _SphereSpectra:
     that the filters use, and its support (every voxel it touches) for the erosion test."""
 
     def __init__(self, shape, vs, dtype, device):
-        self.shape, self.vs, self.dtype, self.device = tuple(shape), vs, dtype, device
+        self.shape, self.vs, self.dtype = tuple(shape), [float(v) for v in vs], dtype
+        self.coords = _periodic_coords(self.shape, self.vs, device)  # shared by every radius
 
     def __call__(self, radius_mm: float) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Return ``(S, support_count, n_support)``: the rfftn (real part) of the normalised
-        sphere, of its support, and the support's voxel count."""
-        w = sphere_weights(self.shape, self.vs, radius_mm, device=self.device)
+        sphere (:func:`sphere_weights`), of its support, and the support's voxel count."""
+        w = _sphere_weights_on(self.coords, self.vs, float(radius_mm), SPHERE_SUBSAMPLES)
         support = (w > 0).to(self.dtype)
         spec = torch.fft.rfftn((w / w.sum()).to(self.dtype)).real
         return spec, torch.fft.rfftn(support).real, float(support.sum())
