@@ -80,15 +80,20 @@ def _time(fn: Callable[[int], object], repeats: int, device: torch.device) -> tu
     return statistics.median(walls), statistics.median(cpus)
 
 
-def bench(sizes: list[int], devices: list[torch.device], repeats: int, batch: int) -> list[dict]:
+def bench(sizes: list[int], devices: list[torch.device], repeats: int, batch: int,
+          background_supersample: int | None = None) -> list[dict]:
+    acq = {"acquisition": True, "with_total_field": True}
+    if background_supersample is not None:
+        acq["background_supersample"] = background_supersample
     rows = []
     for device in devices:
         net, net_name = _unet(device)
         opt = torch.optim.Adam(net.parameters(), lr=1e-4)
         for n in sizes:
-            row: dict = {"device": str(device), "patch": n, "batch": batch, "net": net_name}
+            row: dict = {"device": str(device), "patch": n, "batch": batch, "net": net_name,
+                         "background_supersample": QSMSimulator(**acq).config.background_supersample}
             for label, sim in (("dipole", QSMSimulator()),
-                               ("acquisition", QSMSimulator(acquisition=True, with_total_field=True))):
+                               ("acquisition", QSMSimulator(**acq))):
                 wall, cpu = _time(lambda i, sim=sim: sim(n, seed=1000 + i, device=device),
                                   repeats, device)
                 row[f"{label}_s"] = wall
@@ -132,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                    help="'all': CPU, and CUDA when available")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--background-supersample", type=int, default=None,
+                   help="sub-voxels per axis for the acquisition sample's background field "
+                        "(default: the simulator's, 2)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.threads:
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
           f"x = simulated samples per second / samples per second a training step consumes")
     print(HEADER)
-    rows = bench(args.sizes, devices, args.repeats, args.batch)
+    rows = bench(args.sizes, devices, args.repeats, args.batch, args.background_supersample)
     if args.out:
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                 "python": platform.python_version(), "machine": platform.machine(),

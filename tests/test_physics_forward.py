@@ -134,3 +134,37 @@ def test_forward_is_differentiable():
     loss.backward()
     # d/dchi ||A chi - t||^2 at chi=0 is -2 A^T t = -2 A t (self-adjoint).
     torch.testing.assert_close(chi.grad, -2 * forward_field(target))
+
+
+@pytest.mark.parametrize("voxel_size,shape", [((1.0, 1.0, 1.0), (64, 64, 64)),
+                                              ((1.0, 1.0, 2.0), (64, 64, 32))])
+def test_voxel_averaged_field_of_sharp_air_sphere_is_its_dipole_field(voxel_size, shape):
+    # A voxelised (binary) sphere of air, B0 tilted 25 deg: three radii and more away its field
+    # is the dipole field of its moment (chi x its voxel volume), whatever its staircase shape.
+    from qsmnet.physics import voxel_averaged_field
+
+    radius_mm, chi = 5.0, 9.4
+    b0 = (math.sin(math.radians(25.0)), 0.0, math.cos(math.radians(25.0)))
+    axes = [(np.arange(n) - n // 2) * v for n, v in zip(shape, voxel_size)]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+    inside = np.sqrt((coords ** 2).sum(0)) <= radius_mm
+    a_eff = (3 * inside.sum() * np.prod(voxel_size) / (4 * math.pi)) ** (1 / 3)
+    truth, r = analytic_sphere_field(coords, a_eff, chi, b0)
+    far = (r >= 3 * radius_mm) & (r <= 25.0)
+    src = torch.from_numpy(inside * chi)
+
+    def rel(field):
+        return np.linalg.norm(field.numpy()[far] - truth[far]) / np.linalg.norm(truth[far])
+
+    averaged = voxel_averaged_field(src, voxel_size, b0, 2)
+    assert rel(averaged) < 0.02
+    # on the voxel grid the sampled kernel rings: 19-26 % off (why the simulators average)
+    assert rel(voxel_averaged_field(src, voxel_size, b0, 1)) > 5 * rel(averaged)
+    assert torch.equal(voxel_averaged_field(src, voxel_size, b0, 1),
+                       forward_field(src, voxel_size, b0))
+    # batched input with per-sample voxel sizes gives each sample's own field
+    both = voxel_averaged_field(torch.stack([src, 2 * src]),
+                                torch.tensor([voxel_size, voxel_size]), b0, (2, 2, 2))
+    torch.testing.assert_close(both[1], 2 * averaged, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="factors"):
+        voxel_averaged_field(src, voxel_size, b0, (2, 0, 2))

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from qsmnet.physics import GAMMA_BAR_MHZ_PER_T, forward_field
+from qsmnet.physics import GAMMA_BAR_MHZ_PER_T, forward_field, voxel_averaged_field
 from qsmnet.simulation import QSMSimulator, SimulationConfig, make_config, simulate_sample
 from qsmnet.simulation.acquisition import field_noise_std_ppm
 from qsmnet.simulation.masks import AIR, SKULL
 from qsmnet.simulation.sampling import make_generator, scalars
+from qsmnet.transforms import resharp
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -70,9 +71,37 @@ def test_background_field_is_field_of_outside_sources():
     mask = s["mask"][0].double()
     bg_chi = info["chi_background_ppm"].double()
     assert torch.all(bg_chi[mask > 0] == 0)
-    expected = forward_field(bg_chi, s["voxel_size_mm"].double(), s["b0_dir"].double()) * mask
+    vs, b0 = s["voxel_size_mm"].double(), s["b0_dir"].double()
+    expected = voxel_averaged_field(bg_chi, vs, b0, 2, pad=None) * mask
     scale = float(expected.abs().max())
     assert torch.allclose(s["background_field_ppm"][0].double(), expected, atol=1e-5 * scale)
+    # background_supersample=1: the voxel-grid field, as before
+    s1 = QSMSimulator(**OBLIQUE, distant_sources_max=0, shim_residual_ppm=(0.0, 0.0),
+                      background_supersample=1)(28, seed=5)
+    assert torch.equal(s1["local_field_ppm"], s["local_field_ppm"])
+    grid = forward_field(bg_chi, vs, b0) * mask
+    assert torch.allclose(s1["background_field_ppm"][0].double(), grid, atol=1e-5 * scale)
+
+
+def test_background_field_is_harmonic_in_the_brain_for_oblique_b0():
+    # A physical background field is harmonic inside the mask, so RESHARP removes it entirely.
+    # With B0 tilted 25 deg the voxel-grid field of the +9.4 ppm air around the head is not
+    # (0.019-0.022 ppm left, as large as the local field); averaged over 2x2x2 sub-voxels < 1e-4.
+    tilt = math.radians(25.0)
+    kw = dict(voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(math.sin(tilt), 0.0, math.cos(tilt)),
+              full_mask_prob=0.0, head_air_prob=1.0, skull_prob=1.0, mask_radius_frac=(0.6, 0.7),
+              mask_center_jitter=0.0, noise_free_prob=1.0, with_total_field=True,
+              distant_sources_max=0, shim_residual_ppm=(0.0, 0.0))
+    left = {}
+    for k in (1, 2):
+        s = QSMSimulator(**kw, background_supersample=k)(64, seed=0)
+        mask = s["mask"][0] > 0
+        out, out_mask = resharp(s["background_field_ppm"][0], mask, (1.0, 1.0, 1.0))
+        left[k] = float(out[out_mask].pow(2).mean().sqrt())
+        local = s["local_field_ppm"][0][mask]
+        local_rms = float((local - local.mean()).pow(2).mean().sqrt())
+    assert left[2] < 1e-4 < 0.01 < left[1]
+    assert left[2] < 0.01 * local_rms
 
 
 def test_noise_std_matches_snr():
@@ -269,6 +298,9 @@ def test_config_validation_and_overrides():
         make_config(te_s=(4.0, 12.0))  # milliseconds
     with pytest.raises(ValueError):
         make_config(strong_prob=1.5)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="background_supersample"):
+            make_config(background_supersample=bad)
     cfg = make_config({"_target_": "x", "max_tilt_deg": 30, "snr_range": [10, 20]})
     assert cfg.max_tilt_deg == 30 and cfg.snr_range == (10, 20)
     assert isinstance(SimulationConfig().replace(acquisition=True), SimulationConfig)

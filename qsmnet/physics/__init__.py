@@ -4,7 +4,12 @@ Everything here is pure torch, device-agnostic, differentiable where that makes 
 batched over leading dimensions: a volume is ``(..., X, Y, Z)`` indexed as nibabel returns it.
 """
 
-from qsmnet.physics.forward import DipoleConvolution, forward_field, pad_amount
+from qsmnet.physics.forward import (
+    DipoleConvolution,
+    forward_field,
+    pad_amount,
+    voxel_averaged_field,
+)
 from qsmnet.physics.geometry import (
     affine_from_b0_dir,
     b0_dir_from_affine,
@@ -50,4 +55,5 @@ __all__ = [
     "smv_kernel",
     "sphere_mask",
     "sphere_weights",
+    "voxel_averaged_field",
 ]

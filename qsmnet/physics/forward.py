@@ -111,6 +111,68 @@ def forward_field(chi: torch.Tensor, voxel_size: Sequence[float] | torch.Tensor 
     return layer(chi.to(dtype), voxel_size, b0_dir)
 
 
+def voxel_averaged_field(chi: torch.Tensor,
+                         voxel_size: Sequence[float] | torch.Tensor = (1.0, 1.0, 1.0),
+                         b0_dir: Sequence[float] | torch.Tensor = (0.0, 0.0, 1.0),
+                         factors: int | Sequence[int] = 2, pad: PadSpec = "auto") -> torch.Tensor:
+    """Field (ppm) of ``chi`` (ppm) averaged over each voxel, computed on sub-voxels.
+
+    Each voxel is split into ``factors`` sub-voxels per axis that carry its susceptibility, the
+    field is computed by :func:`forward_field` on that finer grid (voxel size ``voxel_size /
+    factors``) and averaged back over each voxel. ``factors = 1`` is :func:`forward_field`.
+
+    Use it for strong, sharp sources *outside* the region where the field is used (air at about
+    +9 ppm, bone): computed on the voxel grid itself, the sampled k-space kernel turns such a
+    step into a field that oscillates near it and, for B0 oblique to the grid, is not harmonic
+    well away from it. For a voxelised sphere of air (radius 5 voxels, B0 tilted 25 deg) the
+    voxel-grid field differs from the sphere's exact dipole field by 19 % RMS three or more
+    radii away; with ``factors = 2`` by 0.2 % (1 mm) and 0.9 % (1 x 1 x 2 mm). Even factors do
+    best (3 gives 0.6 %). Inside a source region keep :func:`forward_field`: the local field a
+    network is trained to invert is defined with the voxel-grid kernel, as in the
+    data-consistency loss.
+
+    Parameters
+    ----------
+    chi : (..., X, Y, Z) real tensor
+        Susceptibility, ppm.
+    voxel_size : (3,) or (B, 3)
+        Voxel size, mm.
+    b0_dir : (3,) or (B, 3)
+        B0 direction in array-axis coordinates.
+    factors : int or (3,) ints
+        Sub-voxels per axis (>= 1).
+    pad : see :func:`pad_amount`
+        Zero padding in *voxels of the input grid* (scaled by ``factors`` on the fine grid).
+
+    Returns
+    -------
+    Tensor, same shape, dtype and device as ``chi``. Memory and time grow with
+    ``prod(factors)`` (8x for 2).
+    """
+    f = (int(factors),) * 3 if isinstance(factors, int) else tuple(int(k) for k in factors)
+    if len(f) != 3 or min(f) < 1:
+        raise ValueError(f"factors must be one or three integers >= 1, got {factors!r}")
+    if f == (1, 1, 1):
+        return forward_field(chi, voxel_size, b0_dir, pad=pad)
+    if chi.ndim < 3:
+        raise ValueError(f"chi must be at least 3-D (..., X, Y, Z), got shape {tuple(chi.shape)}")
+    fine = chi
+    for axis, k in zip((-3, -2, -1), f):
+        fine = fine.repeat_interleave(k, dim=axis)
+    if isinstance(pad, int) and not isinstance(pad, bool):
+        fine_pad: PadSpec = tuple(pad * k for k in f)
+    elif pad is None or isinstance(pad, str):
+        fine_pad = pad
+    else:
+        fine_pad = tuple(int(p) * k for p, k in zip(pad, f))
+    vs = torch.as_tensor(voxel_size, dtype=torch.float64) / torch.tensor(f, dtype=torch.float64)
+    field = forward_field(fine, vs, b0_dir, pad=fine_pad)
+    del fine
+    x, y, z = chi.shape[-3:]
+    lead = tuple(chi.shape[:-3])
+    return field.reshape(*lead, x, f[0], y, f[1], z, f[2]).mean(dim=(-5, -3, -1))
+
+
 class DipoleConvolution(torch.nn.Module):
     """The forward dipole layer: differentiable ``chi -> field`` with cached kernels.
 

@@ -88,6 +88,13 @@ class SimulationConfig:
     acquisition : also simulate multi-echo magnitude and wrapped phase.
     phase_offset_rad : amplitude range of the smooth receiver phase offset phi0.
     with_total_field : add ``total_field_ppm`` and ``background_field_ppm`` to the sample.
+    background_supersample : sub-voxels per axis for the field of the head outside the mask
+        (bone, scalp, air; see :func:`qsmnet.physics.voxel_averaged_field`). 1 computes it on
+        the voxel grid, whose field of the +9 ppm air is not harmonic in the brain for oblique
+        B0 (tilted 25 deg, it leaves 0.020 ppm RMS after RESHARP against 0.00001 ppm with 2).
+        With more than 1 the background is computed on the periodic patch (no padding; its
+        images lie outside the mask, so their field is harmonic in it): with 2, about the cost
+        of the padded voxel-grid FFT.
     """
 
     # geometry
@@ -155,6 +162,7 @@ class SimulationConfig:
     acquisition: bool = False
     phase_offset_rad: Range = (0.0, 3.0)
     with_total_field: bool = False
+    background_supersample: int = 2
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -223,6 +231,10 @@ class SimulationConfig:
                 raise ValueError(f"simulator.te_s are in seconds; got {self.te_s!r} (milliseconds?)")
         elif int(self.n_echoes) < 1:
             raise ValueError(f"simulator.n_echoes must be >= 1, got {self.n_echoes}")
+        if isinstance(self.background_supersample, bool) or int(self.background_supersample) < 1 \
+                or int(self.background_supersample) != self.background_supersample:
+            raise ValueError(f"simulator.background_supersample must be an integer >= 1, got "
+                             f"{self.background_supersample!r}")
         if float(self.edge_voxels) <= 0:
             raise ValueError(f"simulator.edge_voxels must be positive, got {self.edge_voxels}")
         if not 0.0 <= float(self.mask_axis_jitter) < 1.0:

@@ -16,9 +16,11 @@ A sample (shapes for one sample; the data loader adds a leading batch axis)::
     magnitude, phase (E, X, Y, Z)          phase wrapped to [-pi, pi), rad
     te_s (E,)   b0_t ()
 
-Physics: ``local = forward_field(chi_ppm) * mask`` and ``background = (forward_field(chi_bg) +
-analytic fields of distant spheres + harmonic shim residual) * mask`` with the sample's voxel
-size and B0 direction (``qsmnet.physics.forward_field``, ``D(0) = 0``, zero padding ``cfg.pad``).
+Physics: ``local = forward_field(chi_ppm) * mask`` and ``background = (voxel_averaged_field(chi_bg)
++ analytic fields of distant spheres + harmonic shim residual) * mask`` with the sample's voxel
+size and B0 direction (``qsmnet.physics``, ``D(0) = 0``, zero padding ``cfg.pad``); the field of
+the head outside the mask is averaged over ``cfg.background_supersample`` sub-voxels per axis
+(on the unpadded, periodic patch; with 1 it is computed on the voxel grid with ``cfg.pad``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-from qsmnet.physics.forward import forward_field
+from qsmnet.physics.forward import forward_field, voxel_averaged_field
 from qsmnet.simulation.acquisition import (
     field_noise_std_ppm,
     multi_echo_signal,
@@ -216,8 +218,18 @@ class QSMSimulator:
         coef = torch.randn(8, generator=g, device=dev, dtype=torch.float64).cpu().tolist()
         background = bg_full = None
         if need_bg:
-            both = forward_field(torch.stack([chi, head.chi_background]), vs, b0, pad=cfg.pad)
-            local_full, bg_full = both[0], both[1]
+            k = int(cfg.background_supersample)
+            if k == 1:
+                both = forward_field(torch.stack([chi, head.chi_background]), vs, b0, pad=cfg.pad)
+                local_full, bg_full = both[0], both[1]
+            else:
+                # the voxel grid's field of the sharp +9 ppm air is not harmonic in the mask for
+                # oblique B0 (see voxel_averaged_field); the local field keeps the voxel-grid
+                # kernel, which is what the data-consistency loss and inference use. No padding
+                # for the background: its periodic images lie outside the mask, so their field is
+                # harmonic there too, and padding the sub-voxel grid would cost 8x more.
+                local_full = forward_field(chi, vs, b0, pad=cfg.pad)
+                bg_full = voxel_averaged_field(head.chi_background, vs, b0, k, pad=None)
             if n_distant:
                 cs, rs, xs = [], [], []
                 for row in du:

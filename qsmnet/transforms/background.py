@@ -193,7 +193,11 @@ def vsharp(field_ppm: torch.Tensor, mask: torch.Tensor,
     threshold : float
         Truncation of the deconvolution (Wu 2012, QSM.jl, QSM.rs: 0.05).
     max_radius_mm : float
-        Largest radius (12 mm, STI Suite / QSM.rs).
+        Largest radius (12 mm, STI Suite / QSM.rs). It sets the deconvolution kernel, and the
+        error falls steeply with it on the head phantoms (scale 0.75, brains about 100 mm
+        across; local-field NRMSE on the true local field, subjects 0 / 1): axial 1 mm 80 / 77 %
+        at 12 mm, 67 / 60 % at 18 mm, 56 / 51 % at 25 mm; 1x1x2 mm 53 / 39, 41 / 32, 28 / 23 %.
+        The default stays the toolboxes' 12 mm: the phantoms are smaller than an adult brain.
     min_radius_mm : float, optional
         Smallest radius; default two voxels (twice the largest voxel dimension). On the head
         phantoms 2 voxels gave lower local-field NRMSE than 1 voxel (axial 1 mm, binary spheres
