@@ -25,6 +25,7 @@ from qsmnet import __version__
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.qsmci import QSMCI_INPUTS, QSMCI_STAGES
 from qsmnet.io.validate import check_b0_dir, check_b0_t, check_te_s
+from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM
 from qsmnet.transforms.reliability import DEFAULT_MAX_PHASE_STEP_RAD
 
 __all__ = ["BUILTIN_METHODS", "DEVICES", "build_parser", "main"]
@@ -93,6 +94,12 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "spatially unwrapped echo) from a neighbour are unreliable (2pi aliasing "
                         "next to air) and kept out of background removal; 0 turns the test off "
                         "(default: pi/2)")
+    p.add_argument("--field-margin", type=float, default=DEFAULT_FIELD_MARGIN_MM, metavar="MM",
+                   help="from phase: field mapping, background removal and the inversion also use "
+                        "the voxels up to this far (mm) outside the brain mask whose magnitude is "
+                        "like the brain's (the CSF rim), so that the brain's own field near its "
+                        "edge is not taken for background; chi is reported on the brain mask; 0 "
+                        "uses the brain mask alone (default: %(default)s)")
     p.add_argument("--bfr", default="pdf", choices=("pdf", "vsharp", "resharp"),
                    help="background-field removal (default: %(default)s; pdf keeps the whole "
                         "mask, vsharp/resharp erode it)")

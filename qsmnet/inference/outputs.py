@@ -26,7 +26,7 @@ def output_paths(chimap: Path, names: Mapping[str, str] | None = None) -> dict[s
     """Companion paths of a chimap path: one per output key, beside it.
 
     ``names`` maps output keys (``totalfield``, ``localfield``, ``mask``, ``unreliable``,
-    ``preview``, ``record``) to file names; by default a BIDS-style stem ``<stem>_<Key>`` is used.
+    ``fieldsupport``, ``preview``, ``record``) to file names; by default a BIDS-style stem ``<stem>_<Key>`` is used.
     """
     stem = chimap.name[: -len("_Chimap.nii.gz")] if chimap.name.endswith("_Chimap.nii.gz") else None
     default = {
@@ -35,6 +35,8 @@ def output_paths(chimap: Path, names: Mapping[str, str] | None = None) -> dict[s
         "mask": f"{stem}_desc-qsm_mask.nii.gz" if stem else "mask.nii.gz",
         "unreliable": (f"{stem}_desc-unreliable_mask.nii.gz" if stem
                        else "unreliable_mask.nii.gz"),
+        "fieldsupport": (f"{stem}_desc-fieldsupport_mask.nii.gz" if stem
+                         else "fieldsupport_mask.nii.gz"),
         "preview": f"{stem}_Chimap.png" if stem else "chimap.png",
         "record": f"{stem}_Chimap.json" if stem else "chimap.json",
     }
@@ -60,6 +62,11 @@ def write_reconstruction(rec: Reconstruction, chimap_path: str | Path, affine: n
         written["unreliable"] = save_nifti(paths["unreliable"],
                                            rec.unreliable_mask.numpy().astype(np.uint8), affine,
                                            header, dtype=np.uint8)
+    if rec.params.get("start") == "phase" and rec.support_mask is not None:
+        # where the field was mapped and background removal ran: the mask and its rim
+        written["fieldsupport"] = save_nifti(paths["fieldsupport"],
+                                             rec.support_mask.numpy().astype(np.uint8), affine,
+                                             header, dtype=np.uint8)
     chi = rec.chi_ppm.numpy()
     if preview:
         save_preview(paths["preview"], chi, mask, tuple(float(v) for v in voxel_size_mm),

@@ -18,6 +18,7 @@ from qsmnet.inference.dipole import make_inverter
 from qsmnet.io.errors import QSMInputError
 from qsmnet.transforms.background import BFR_METHODS, remove_background
 from qsmnet.transforms.field_mapping import FieldMapping
+from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM, field_support_mask
 from qsmnet.transforms.inversion import reference_to_mask_mean
 from qsmnet.transforms.masking import BrainMask
 from qsmnet.transforms.multi_echo import check_te_s
@@ -34,10 +35,14 @@ STARTS = ("phase", "totalfield", "localfield")
 class Reconstruction:
     """Outputs of :func:`reconstruct`, all ``(X, Y, Z)`` CPU tensors on the input grid.
 
-    ``mask`` is the input (or automatic) brain mask, ``chi_mask`` the possibly eroded mask that
-    background removal returned a field on, where ``chi_ppm`` and ``local_field_ppm`` are defined.
-    ``unreliable_mask`` (phase input) marks the voxels whose field failed the phase-step test of
-    :func:`qsmnet.transforms.reliability.unreliable_phase_mask`.
+    ``mask`` is the input (or automatic) brain mask. ``support_mask`` is the region field
+    mapping and background removal ran on: the brain mask and, from phase with magnitude, the
+    reliable rim around it (:func:`qsmnet.transforms.field_support.field_support_mask`).
+    ``inversion_mask`` is the part of it that background removal returned a field on
+    (``inversion_field_ppm``), where the dipole inversion ran. ``chi_mask`` is its part inside
+    the brain mask, where ``chi_ppm`` and ``local_field_ppm`` are reported (each referenced to
+    its mean there, 0 elsewhere). ``unreliable_mask`` (phase input) marks the voxels whose field
+    failed the phase-step test of :func:`qsmnet.transforms.reliability.unreliable_phase_mask`.
     """
 
     chi_ppm: torch.Tensor
@@ -47,6 +52,9 @@ class Reconstruction:
     total_field_ppm: torch.Tensor | None = None
     field_noise_ppm: torch.Tensor | None = None
     unreliable_mask: torch.Tensor | None = None
+    support_mask: torch.Tensor | None = None
+    inversion_mask: torch.Tensor | None = None
+    inversion_field_ppm: torch.Tensor | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -56,12 +64,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def invert_on_support(inverter: Callable, field_ppm: torch.Tensor, inversion_mask: torch.Tensor,
+                      brain_mask: torch.Tensor, voxel_size_mm, b0_dir
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert ``field_ppm`` on ``inversion_mask`` and report chi on its part inside the brain.
+
+    Returns ``(chi_ppm, chi_mask)``: chi referenced to its mean in ``chi_mask = inversion_mask
+    & brain_mask`` and 0 elsewhere. Inverting on the whole region background removal returned
+    (brain and rim) lets sources in the rim be explained there rather than by the brain's edge.
+    """
+    chi = inverter(field_ppm, inversion_mask, voxel_size_mm, b0_dir)
+    chi_mask = inversion_mask & brain_mask
+    return reference_to_mask_mean(chi, chi_mask), chi_mask
+
+
 def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "phase",
                 bfr: str = "pdf", device: str | torch.device = "cpu",
                 bfr_params: Mapping[str, Any] | None = None,
                 field_mapping: FieldMapping | None = None,
                 inverter: Callable | None = None,
-                max_phase_step_rad: float | None = DEFAULT_MAX_PHASE_STEP_RAD) -> Reconstruction:
+                max_phase_step_rad: float | None = DEFAULT_MAX_PHASE_STEP_RAD,
+                field_margin_mm: float | None = DEFAULT_FIELD_MARGIN_MM) -> Reconstruction:
     """Reconstruct chi (ppm) from a sample dict (keys of :mod:`qsmnet.transforms.base`).
 
     Parameters
@@ -80,12 +103,20 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
         neighbours before the inversion (filling the *total* field before an SMV filter was
         worse: V-SHARP 104 vs 82 % chi NRMSE on a head phantom, the fill being less accurate on
         steep fields than the few wrong voxels it replaces). ``None`` or 0 turns this off.
+    field_margin_mm : from phase with magnitude, field mapping, background removal and the
+        inversion also use the voxels up to this far outside the brain mask whose magnitude is
+        like the brain's (the CSF rim; :func:`qsmnet.transforms.field_support.field_support_mask`),
+        and chi is reported on the brain mask. ``None`` or 0 uses the brain mask alone (as a
+        local or total field given as input always does: its values outside the mask are not
+        known to be measured).
     """
     if start not in STARTS:
         raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     if bfr not in BFR_METHODS:
         raise QSMInputError(f"unknown background-removal method {bfr!r}: use "
                             f"{', '.join(BFR_METHODS)}")
+    if field_margin_mm is not None and not field_margin_mm >= 0:
+        raise QSMInputError(f"the field margin must be >= 0 mm, got {field_margin_mm}")
     device = torch.device(device)
     vs = torch.as_tensor(sample["voxel_size_mm"], dtype=torch.float64).reshape(3)
     b0 = torch.as_tensor(sample["b0_dir"], dtype=torch.float64).reshape(3)
@@ -103,24 +134,35 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
     if start == "phase":
         fm = field_mapping if field_mapping is not None else FieldMapping()
         t0 = time.perf_counter()
+        mag = sample.get("magnitude")
         if mask is None:
-            if sample.get("magnitude") is None:
+            if mag is None:
                 raise QSMInputError("no mask and no magnitude: give a mask or the magnitude "
                                     "images so an automatic mask can be made")
-            mask = BrainMask()(to_dev(sample["magnitude"]), None, vs.tolist())
+            mask = BrainMask()(to_dev(mag), None, vs.tolist())
             _sync(device)
             timings["mask"] = time.perf_counter() - t0
             params["mask"] = "automatic (BrainMask, Otsu)"
             t0 = time.perf_counter()
         else:
             params["mask"] = "given"
-        mag = sample.get("magnitude")
-        total, mask, noise = fm(to_dev(sample["phase"]), None if mag is None else to_dev(mag),
-                                sample["te_s"], float(sample["b0_t"]), mask, vs.tolist())
+        if not bool(mask.any()):
+            raise QSMInputError("the mask is empty")
+        support = mask
+        if field_margin_mm and mag is not None:
+            support = field_support_mask(mask, mag, vs.tolist(), float(field_margin_mm))
+            timings["field_support"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+        params["field_margin_mm"] = float(field_margin_mm or 0.0) if mag is not None else 0.0
+        params["support_rim_voxels"] = int((support & ~mask).sum())
+        total, support, noise = fm(to_dev(sample["phase"]), None if mag is None else to_dev(mag),
+                                   sample["te_s"], float(sample["b0_t"]), support, vs.tolist())
         _sync(device)
         timings["field_mapping"] = time.perf_counter() - t0
     elif mask is None:
         raise QSMInputError(f"a mask is needed when starting from the {start}")
+    else:
+        support = mask
     if not bool(mask.any()):
         raise QSMInputError("the mask is empty")
 
@@ -132,34 +174,36 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
         kwargs = dict(bfr_params or {})
         if start == "phase" and max_phase_step_rad:
             te_ref = float(check_te_s(sample["te_s"])[fm.ref_index])
-            unreliable = unreliable_phase_mask(total, mask, te_ref, float(sample["b0_t"]),
+            unreliable = unreliable_phase_mask(total, support, te_ref, float(sample["b0_t"]),
                                                max_phase_step_rad)
             params["unreliable_voxels"] = int(unreliable.sum())
             if bfr == "pdf" and "weights" not in kwargs:
-                kwargs["weights"] = (mask & ~unreliable).to(total.dtype)
-        local, chi_mask = remove_background(bfr, total, mask, tuple(vs.tolist()),
+                kwargs["weights"] = (support & ~unreliable).to(total.dtype)
+        local, inv_mask = remove_background(bfr, total, support, tuple(vs.tolist()),
                                             tuple(b0.tolist()), **kwargs)
         if unreliable is not None:
             local = reference_to_mask_mean(
-                fill_unreliable(local, chi_mask, unreliable & chi_mask, vs.tolist()), chi_mask)
+                fill_unreliable(local, inv_mask, unreliable & inv_mask, vs.tolist()), inv_mask)
         _sync(device)
         timings["background_removal"] = time.perf_counter() - t0
-        if not bool(chi_mask.any()):
+        if not bool((inv_mask & mask).any()):
             raise QSMInputError(f"{bfr} eroded the whole mask: the brain mask is too small for "
                                 "this background-removal radius")
     else:
         local = to_dev(sample["local_field_ppm"]) * mask
-        chi_mask = mask
+        inv_mask = mask
 
     t0 = time.perf_counter()
-    chi = inverter(local, chi_mask, vs, b0)
+    chi, chi_mask = invert_on_support(inverter, local, inv_mask, mask, vs, b0)
     _sync(device)
     timings["dipole_inversion"] = time.perf_counter() - t0
     params["method"] = getattr(inverter, "name", None) or str(method)
     params["method_params"] = {k: v for k, v in getattr(inverter, "params", {}).items()
                                if k != "model_config"}
     cpu = (lambda x: None if x is None else x.detach().to("cpu"))  # noqa: E731
-    return Reconstruction(chi_ppm=cpu(chi), local_field_ppm=cpu(local), chi_mask=cpu(chi_mask),
-                          mask=cpu(mask), total_field_ppm=cpu(total), field_noise_ppm=cpu(noise),
-                          unreliable_mask=cpu(unreliable),
-                          timings_s=timings, params=params)
+    local_brain = reference_to_mask_mean(local, chi_mask)
+    return Reconstruction(chi_ppm=cpu(chi), local_field_ppm=cpu(local_brain),
+                          chi_mask=cpu(chi_mask), mask=cpu(mask), total_field_ppm=cpu(total),
+                          field_noise_ppm=cpu(noise), unreliable_mask=cpu(unreliable),
+                          support_mask=cpu(support), inversion_mask=cpu(inv_mask),
+                          inversion_field_ppm=cpu(local), timings_s=timings, params=params)

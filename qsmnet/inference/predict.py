@@ -92,7 +92,8 @@ def run_predict(args) -> int:
             progress.update(task, description=f"{acq.name}")
             sample = acq.to_sample(device="cpu")
             rec = reconstruct(sample, method=str(args.method), inverter=inverter, start="phase",
-                              bfr=bfr, device=device, max_phase_step_rad=args.max_phase_step)
+                              bfr=bfr, device=device, max_phase_step_rad=args.max_phase_step,
+                              field_margin_mm=args.field_margin)
             written = write_reconstruction(
                 rec, chimap, acq.affine, acq.header, acq.voxel_size_mm, _inputs_record(acq),
                 preview=not args.no_preview, timings_extra={"model_load": load_s})

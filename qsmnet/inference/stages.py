@@ -29,6 +29,7 @@ from qsmnet.io import read_qsmci_inputs
 from qsmnet.io.atomic import atomic_write_json
 from qsmnet.io.nifti import save_nifti
 from qsmnet.transforms.field_mapping import FieldMapping
+from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM
 from qsmnet.transforms.reliability import DEFAULT_MAX_PHASE_STEP_RAD
 
 log = logging.getLogger("qsmnet")
@@ -36,13 +37,18 @@ log = logging.getLogger("qsmnet")
 
 def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
               phase_sign: int = 1, bfr: str = "pdf", dc_iterations: int | None = None,
-              max_phase_step_rad: float | None = DEFAULT_MAX_PHASE_STEP_RAD) -> Path:
+              max_phase_step_rad: float | None = DEFAULT_MAX_PHASE_STEP_RAD,
+              field_margin_mm: float | None = DEFAULT_FIELD_MARGIN_MM) -> Path:
     """Run one QSM-CI stage; returns the path of the written output.
 
     ``dc_iterations``: test-time data-consistency iterations after the inversion (None: what
     the model recommends for this input, 0 for the classical methods; 0: off).
     ``max_phase_step_rad``: the unreliable-phase limit of :func:`reconstruct` (end-to-end; 0 or
     None: off); the flagged voxels are written beside the output as ``unreliable_mask.nii.gz``.
+    ``field_margin_mm``: end-to-end, the rim of reliable signal around the mask that field
+    mapping, background removal and the inversion also use (0 or None: the mask alone); the
+    region is written beside the output as ``fieldsupport_mask.nii.gz``. The field-mapping stage
+    writes the total field on the mask alone, as the contract has it.
     """
     inputs = read_qsmci_inputs(in_dir, stage, phase_sign=phase_sign)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
@@ -61,7 +67,8 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
                                   after_bfr=stage == "end-to-end")
                     if stage != "bfr" else (lambda *a: a[0]))
         rec = reconstruct(sample, method=str(method), inverter=inverter, start=start, bfr=bfr,
-                          device=device, max_phase_step_rad=max_phase_step_rad)
+                          device=device, max_phase_step_rad=max_phase_step_rad,
+                          field_margin_mm=field_margin_mm)
         out = rec.local_field_ppm if stage == "bfr" else rec.chi_ppm
         params = rec.params
         if stage == "bfr":
@@ -72,6 +79,10 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
         # beside the canonical output: the voxels kept out of background removal and filled in
         save_nifti(out_dir / "unreliable_mask.nii.gz",
                    rec.unreliable_mask.numpy().astype(np.uint8), inputs.affine, inputs.header,
+                   dtype=np.uint8)
+    if stage == "end-to-end" and rec.support_mask is not None:
+        save_nifti(out_dir / "fieldsupport_mask.nii.gz",
+                   rec.support_mask.numpy().astype(np.uint8), inputs.affine, inputs.header,
                    dtype=np.uint8)
     atomic_write_json(out_dir / f"{inputs.output_name.split('.')[0]}.json",
                       {"stage": stage, "input": str(in_dir), "parameters": params,
@@ -87,6 +98,7 @@ def run_stage_cli(args) -> int:
     path = run_stage(args.stage, args.in_dir, args.out_dir, method=args.method,
                      device=args.device, phase_sign=args.phase_sign,
                      bfr=args.bfr, dc_iterations=args.dc_iterations,
-                     max_phase_step_rad=args.max_phase_step)
+                     max_phase_step_rad=args.max_phase_step,
+                     field_margin_mm=args.field_margin)
     print(path)
     return 0

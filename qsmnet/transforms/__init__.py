@@ -2,6 +2,7 @@
 
 from qsmnet.transforms.background import PDF, RESHARP, VSHARP, pdf, resharp, vsharp
 from qsmnet.transforms.base import Compose, DictTransform, Transform
+from qsmnet.transforms.field_support import FieldSupport, field_support_mask
 from qsmnet.transforms.inversion import (
     TKD,
     TVADMM,
@@ -21,8 +22,10 @@ __all__ = [
     "ClosedFormL2",
     "Compose",
     "DictTransform",
+    "FieldSupport",
     "Transform",
     "closed_form_l2",
+    "field_support_mask",
     "pdf",
     "reference_to_mask_mean",
     "resharp",
