@@ -97,9 +97,10 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--field-margin", type=float, default=DEFAULT_FIELD_MARGIN_MM, metavar="MM",
                    help="from phase: field mapping, background removal and the inversion also use "
                         "the voxels up to this far (mm) outside the brain mask whose magnitude is "
-                        "like the brain's (the CSF rim), so that the brain's own field near its "
-                        "edge is not taken for background; chi is reported on the brain mask; 0 "
-                        "uses the brain mask alone (default: %(default)s)")
+                        "at least a quarter of the brain's median (the CSF rim), so that the "
+                        "brain's own field near its edge is not taken for background; chi is "
+                        "reported on the brain mask; 0 uses the brain mask alone "
+                        "(default: %(default)s)")
     p.add_argument("--bfr", default="pdf", choices=("pdf", "vsharp", "resharp"),
                    help="background-field removal (default: %(default)s; pdf keeps the whole "
                         "mask, vsharp/resharp erode it)")

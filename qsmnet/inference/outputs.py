@@ -26,7 +26,8 @@ def output_paths(chimap: Path, names: Mapping[str, str] | None = None) -> dict[s
     """Companion paths of a chimap path: one per output key, beside it.
 
     ``names`` maps output keys (``totalfield``, ``localfield``, ``mask``, ``unreliable``,
-    ``fieldsupport``, ``preview``, ``record``) to file names; by default a BIDS-style stem ``<stem>_<Key>`` is used.
+    ``fieldsupport``, ``preview``, ``record``) to file names; by default a BIDS-style stem
+    ``<stem>_<Key>`` is used.
     """
     stem = chimap.name[: -len("_Chimap.nii.gz")] if chimap.name.endswith("_Chimap.nii.gz") else None
     default = {

@@ -2,10 +2,9 @@
 
 Background-field removal separates the brain's own field from the field of sources outside a
 mask, and it can only do so with the field it is given. Given the field on the brain alone, the
-part of the brain's field that looks like the field of sources just outside it (most of the field
-of the cortex next to the mask edge, and the harmonic part of every uniform structure) is taken
-for background: on qsmnet's head phantoms PDF loses 47 % of the local field that way even with no
-background at all. A gradient-echo acquisition measures the field in the CSF around the brain as
+part of the brain's field that the field of sources just outside it can imitate is taken for
+background: on qsmnet's head phantoms PDF loses 47 % of the local field that way even with no
+background at all, most of it within a few voxels of the edge, where the cortex meets CSF. A gradient-echo acquisition measures the field in the CSF around the brain as
 well (bright, long T2*); skull and air give no signal. :func:`field_support_mask` adds the voxels
 within ``margin_mm`` of the brain whose magnitude is like the brain's, connected to it, so that
 field mapping and background removal run on them too and the brain's sources sit inside the
