@@ -146,8 +146,6 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
             t0 = time.perf_counter()
         else:
             params["mask"] = "given"
-        if not bool(mask.any()):
-            raise QSMInputError("the mask is empty")
         support = mask
         if field_margin_mm and mag is not None:
             support = field_support_mask(mask, mag, vs.tolist(), float(field_margin_mm))

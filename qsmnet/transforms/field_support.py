@@ -44,6 +44,7 @@ import torch
 from scipy import ndimage
 
 from qsmnet.transforms.base import Transform
+from qsmnet.transforms.masking import BrainMask, _voxel_size
 
 __all__ = ["DEFAULT_FIELD_MARGIN_MM", "DEFAULT_MIN_MAGNITUDE_FRAC", "FieldSupport",
            "field_support_mask"]
@@ -60,11 +61,19 @@ DEFAULT_MIN_MAGNITUDE_FRAC = 0.25
 _FACES = ndimage.generate_binary_structure(3, 1)
 
 
-def _magnitude_image(magnitude: np.ndarray, multi_echo: bool) -> np.ndarray:
-    mag = np.abs(np.asarray(magnitude, dtype=np.float64))
-    if multi_echo:
-        mag = np.sqrt((mag * mag).sum(axis=-4))
+def _magnitude_image(magnitude, multi_echo: bool) -> np.ndarray:
+    """The one image the threshold applies to, as the automatic brain mask forms it (RSS over
+    echoes), float64 with non-finite voxels set to 0."""
+    rss = BrainMask(combine="rss", multi_echo=multi_echo)
+    img = rss.magnitude_image(torch.as_tensor(magnitude))
+    mag = img.detach().cpu().to(torch.float64).numpy()
     return np.where(np.isfinite(mag), mag, 0.0)
+
+
+def _check(margin_mm: float, min_magnitude_frac: float) -> None:
+    if not margin_mm >= 0 or not min_magnitude_frac >= 0:
+        raise ValueError(f"margin_mm and min_magnitude_frac must be >= 0, got {margin_mm!r} "
+                         f"and {min_magnitude_frac!r}")
 
 
 def _support_one(mask: np.ndarray, mag: np.ndarray, vs: Sequence[float], margin_mm: float,
@@ -84,9 +93,9 @@ def _support_one(mask: np.ndarray, mag: np.ndarray, vs: Sequence[float], margin_
     candidate = near & ~m & (mag[box] >= min_frac * level)
     lab, _ = ndimage.label(m | candidate, structure=_FACES)
     keep = np.unique(lab[m])
-    out = mask.copy()
+    out = mask.copy()  # every component holding a brain voxel is kept, so out contains mask
     out[box] = np.isin(lab, keep[keep > 0])
-    return out | mask
+    return out
 
 
 def field_support_mask(mask: torch.Tensor, magnitude: torch.Tensor | np.ndarray,
@@ -120,18 +129,12 @@ def field_support_mask(mask: torch.Tensor, magnitude: torch.Tensor | np.ndarray,
     -------
     (..., X, Y, Z) bool tensor on ``mask``'s device, a superset of ``mask``.
     """
-    vs = [float(v) for v in torch.as_tensor(voxel_size_mm, dtype=torch.float64).reshape(3)]
-    if not all(v > 0 for v in vs):
-        raise ValueError(f"voxel_size_mm must be positive, got {voxel_size_mm!r}")
-    if not margin_mm >= 0 or not min_magnitude_frac >= 0:
-        raise ValueError(f"margin_mm and min_magnitude_frac must be >= 0, got {margin_mm!r} "
-                         f"and {min_magnitude_frac!r}")
+    vs = _voxel_size(voxel_size_mm)
+    _check(margin_mm, min_magnitude_frac)
     mask_t = torch.as_tensor(mask).to(torch.bool)
     if margin_mm == 0:
         return mask_t.clone()
-    mag_in = magnitude.detach().cpu().numpy() if isinstance(magnitude, torch.Tensor) \
-        else np.asarray(magnitude)
-    mag = _magnitude_image(mag_in, multi_echo)
+    mag = _magnitude_image(magnitude, multi_echo)
     m = mask_t.detach().cpu().numpy()
     if mag.shape[-3:] != m.shape[-3:]:
         raise ValueError(f"magnitude grid {mag.shape[-3:]} does not match the mask "
@@ -156,8 +159,7 @@ class FieldSupport(Transform):
     def __init__(self, margin_mm: float = DEFAULT_FIELD_MARGIN_MM,
                  min_magnitude_frac: float = DEFAULT_MIN_MAGNITUDE_FRAC,
                  multi_echo: bool = True) -> None:
-        if not margin_mm >= 0 or not min_magnitude_frac >= 0:
-            raise ValueError("margin_mm and min_magnitude_frac must be >= 0")
+        _check(margin_mm, min_magnitude_frac)
         self.margin_mm = float(margin_mm)
         self.min_magnitude_frac = float(min_magnitude_frac)
         self.multi_echo = bool(multi_echo)
