@@ -101,9 +101,10 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "brain's own field near its edge is not taken for background; chi is "
                         "reported on the brain mask; 0 uses the brain mask alone "
                         "(default: %(default)s)")
-    p.add_argument("--bfr", default="pdf", choices=("pdf", "vsharp", "resharp"),
+    p.add_argument("--bfr", default="pdf", choices=("pdf", "vsharp", "resharp", "vresharp"),
                    help="background-field removal (default: %(default)s; pdf keeps the whole "
-                        "mask, vsharp/resharp erode it)")
+                        "mask, vsharp/resharp/vresharp erode it; vresharp is V-SHARP's "
+                        "variable radius with RESHARP's regularised solve)")
 
 
 def _add_phase_sign(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 (``timing``, the default), or measure their accuracy on the head-like qsm-forward phantoms
 (``accuracy``).
 
-Methods: V-SHARP, PDF, RESHARP (background removal: total field -> local field) and TKD,
+Methods: V-SHARP, PDF, RESHARP, V-RESHARP (background removal: total field -> local field) and TKD,
 closed-form L2, TV-ADMM, and TV-ADMM with the data term weighted by the mask (dipole inversion:
 local field -> chi), each with its default parameters,
 float32, on a 256 x 256 x 176 grid (1 mm) holding an ellipsoidal brain mask of ~1.6 M voxels with
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("vsharp", "pdf", "resharp", "tkd", "l2", "tv", "tv_weighted")
+METHODS = ("vsharp", "pdf", "resharp", "vresharp", "tkd", "l2", "tv", "tv_weighted")
 
 
 def synthetic_brain(shape=(256, 256, 176), voxel_size=(1.0, 1.0, 1.0)):
@@ -96,7 +96,7 @@ def _worker(method, data_path, device, threads, repeat, warmup, queue):
     import torch
 
     torch.set_num_threads(threads)
-    from qsmnet.transforms import closed_form_l2, pdf, resharp, tkd, tv_admm, vsharp
+    from qsmnet.transforms import closed_form_l2, pdf, resharp, tkd, tv_admm, vresharp, vsharp
 
     d = np.load(data_path)
     mask = torch.from_numpy(d["mask"]).to(device)
@@ -107,6 +107,7 @@ def _worker(method, data_path, device, threads, repeat, warmup, queue):
         "vsharp": lambda: vsharp(total, mask, vs),
         "pdf": lambda: pdf(total, mask, vs, b0),
         "resharp": lambda: resharp(total, mask, vs),
+        "vresharp": lambda: vresharp(total, mask, vs),
         "tkd": lambda: tkd(local, mask, vs, b0),
         "l2": lambda: closed_form_l2(local, mask, vs, b0),
         "tv": lambda: tv_admm(local, mask, vs, b0),
@@ -149,6 +150,7 @@ def accuracy(seeds=(0,), scale=0.75, end_to_end=False, threads=2, json_path=None
         resharp,
         tkd,
         tv_admm,
+        vresharp,
         vsharp,
     )
     from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM
@@ -157,7 +159,8 @@ def accuracy(seeds=(0,), scale=0.75, end_to_end=False, threads=2, json_path=None
     torch.set_num_threads(threads)
     bfr = {"V-SHARP": lambda f, m, vs, b0: vsharp(f, m, vs),
            "PDF": lambda f, m, vs, b0: pdf(f, m, vs, b0),
-           "RESHARP": lambda f, m, vs, b0: resharp(f, m, vs)}
+           "RESHARP": lambda f, m, vs, b0: resharp(f, m, vs),
+           "V-RESHARP": lambda f, m, vs, b0: vresharp(f, m, vs)}
     inv = {"TKD": lambda f, m, vs, b0, w: tkd(f, m, vs, b0),
            "L2": lambda f, m, vs, b0, w: closed_form_l2(f, m, vs, b0),
            "TV": lambda f, m, vs, b0, w: tv_admm(f, m, vs, b0),

@@ -6,11 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from qsmnet.physics import GAMMA_BAR_MHZ_PER_T, forward_field, voxel_averaged_field
 from qsmnet.simulation import QSMSimulator, SimulationConfig, make_config, simulate_sample
 from qsmnet.simulation.acquisition import field_noise_std_ppm
-from qsmnet.simulation.masks import AIR, SKULL
+from qsmnet.simulation.masks import AIR, CSF, SKULL
 from qsmnet.simulation.sampling import make_generator, scalars
 from qsmnet.transforms import resharp
 
@@ -304,3 +305,37 @@ def test_config_validation_and_overrides():
     cfg = make_config({"_target_": "x", "max_tilt_deg": 30, "snr_range": [10, 20]})
     assert cfg.max_tilt_deg == 30 and cfg.snr_range == (10, 20)
     assert isinstance(SimulationConfig().replace(acquisition=True), SimulationConfig)
+
+
+def test_field_support_is_the_csf_rim_with_the_field_measured_on_it():
+    """``field_margin_mm``: the mask and the CSF within the margin, the field of the mask's chi
+    and of the head around it on that region (recomputed independently), and every other
+    output exactly as without it (the random draws do not change)."""
+    kw = dict(OBLIQUE, voxel_size_range_mm=(1.0, 1.0), head_air_prob=1.0, skull_prob=1.0,
+              mask_radius_frac=(0.6, 0.7), mask_center_jitter=0.0, csf_mm=(3.0, 4.0),
+              background_supersample=1, distant_sources_max=0, shim_residual_ppm=(0.0, 0.0))
+    plain = QSMSimulator(**kw)(40, seed=4)
+    s, info = QSMSimulator(**kw, field_margin_mm=2.0)(40, seed=4, return_info=True)
+    for key in ("chi_ppm", "local_field_ppm", "mask", "background_field_ppm"):
+        assert torch.equal(s[key], plain[key]), key
+    mask, support = s["mask"][0] > 0, s["field_support"][0] > 0
+    rim = support & ~mask
+    assert torch.all(support[mask]) and int(rim.sum()) > 0.1 * int(mask.sum())
+    # the rim is the CSF within 2 mm of the mask, as qsmnet predict picks it from magnitude
+    assert torch.all(info["labels"][rim] == CSF)
+    dist = torch.from_numpy(ndimage.distance_transform_edt(~mask.numpy()))
+    assert float(dist[rim].max()) <= 2.0
+    assert torch.all(support[(info["labels"] == CSF) & (dist <= 1.0)])
+    vs, b0 = s["voxel_size_mm"].double(), s["b0_dir"].double()
+    local = forward_field(s["chi_ppm"][0].double(), vs, b0)
+    total = forward_field(s["chi_ppm"][0].double() + info["chi_background_ppm"].double(), vs, b0)
+    scale = float(local[support].abs().max())
+    sup = support.double()
+    assert torch.allclose(s["local_field_support_ppm"][0].double(), local * sup,
+                          atol=1e-5 * scale)
+    assert torch.allclose(s["total_field_ppm"][0].double(), total * sup,
+                          atol=1e-4 * float(total[support].abs().max()))
+    with pytest.raises(ValueError, match="with_total_field"):
+        SimulationConfig(field_margin_mm=2.0)
+    with pytest.raises(ValueError, match="field_margin_mm"):
+        SimulationConfig(field_margin_mm=-1.0, with_total_field=True)

@@ -95,7 +95,7 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
         ``voxel_size_mm``, ``b0_dir``; ``mask`` optional for phase input (automatic mask from the
         magnitude), required otherwise.
     method : dipole inversion (see :func:`qsmnet.inference.dipole.make_inverter`).
-    bfr : background-field removal: ``pdf`` (default), ``vsharp`` or ``resharp``.
+    bfr : background-field removal: ``pdf`` (default), ``vsharp``, ``resharp`` or ``vresharp``.
     inverter : a ready inverter (overrides ``method``; lets callers load a network once).
     max_phase_step_rad : from phase, voxels whose field jumps by more than this phase (at the
         spatially unwrapped echo) from a neighbour are treated as unreliable (2pi aliasing next

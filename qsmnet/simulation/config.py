@@ -88,6 +88,11 @@ class SimulationConfig:
     acquisition : also simulate multi-echo magnitude and wrapped phase.
     phase_offset_rad : amplitude range of the smooth receiver phase offset phi0.
     with_total_field : add ``total_field_ppm`` and ``background_field_ppm`` to the sample.
+    field_margin_mm : with ``with_total_field``, also measure the field in the CSF up to this
+        far (mm) outside the mask, as ``qsmnet predict`` does from phase with its
+        ``--field-margin`` (default 2 mm): the sample gets ``field_support`` (the mask and that
+        rim, ``(1, X, Y, Z)``), and ``total_field_ppm`` and ``local_field_support_ppm`` (the
+        field of the chi in the mask, with noise) on it. 0 (default): the mask alone.
     background_supersample : sub-voxels per axis for the field of the head outside the mask
         (bone, scalp, air; see :func:`qsmnet.physics.voxel_averaged_field`). 1 computes it on
         the voxel grid, whose field of the +9 ppm air is not harmonic in the brain for oblique
@@ -162,6 +167,7 @@ class SimulationConfig:
     acquisition: bool = False
     phase_offset_rad: Range = (0.0, 3.0)
     with_total_field: bool = False
+    field_margin_mm: float = 0.0
     background_supersample: int = 2
 
     def __post_init__(self) -> None:
@@ -235,6 +241,10 @@ class SimulationConfig:
                 or int(self.background_supersample) != self.background_supersample:
             raise ValueError(f"simulator.background_supersample must be an integer >= 1, got "
                              f"{self.background_supersample!r}")
+        if not float(self.field_margin_mm) >= 0:
+            raise ValueError(f"simulator.field_margin_mm must be >= 0, got {self.field_margin_mm}")
+        if float(self.field_margin_mm) > 0 and not self.with_total_field:
+            raise ValueError("simulator.field_margin_mm needs simulator.with_total_field: true")
         if float(self.edge_voxels) <= 0:
             raise ValueError(f"simulator.edge_voxels must be positive, got {self.edge_voxels}")
         if not 0.0 <= float(self.mask_axis_jitter) < 1.0:

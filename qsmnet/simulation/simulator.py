@@ -39,7 +39,13 @@ from qsmnet.simulation.acquisition import (
     tissue_m0_r2star,
 )
 from qsmnet.simulation.config import SimulationConfig, make_config
-from qsmnet.simulation.masks import distant_sphere_field, harmonic_polynomial, random_head
+from qsmnet.simulation.masks import (
+    BRAIN,
+    CSF,
+    distant_sphere_field,
+    harmonic_polynomial,
+    random_head,
+)
 from qsmnet.simulation.sampling import (
     cap_direction,
     grid_axes,
@@ -57,6 +63,7 @@ from qsmnet.simulation.sources import (
     random_textures,
     vessel_tubes,
 )
+from qsmnet.transforms.field_support import field_support_mask
 
 Shape3 = int | Sequence[int]
 
@@ -276,6 +283,14 @@ class QSMSimulator:
                         field_ppm=field_all)
         else:
             noise.mul_(nominal_std)
+        support = None
+        if need_bg and float(cfg.field_margin_mm) > 0 and head.labels is not None:
+            # the rim whose field ``qsmnet predict`` also measures, by the same rule
+            # (field_support_mask), with brain and CSF as the bright signal (the CSF is)
+            bright = ((head.labels == BRAIN) | (head.labels == CSF)).to(torch.float32)
+            support = field_support_mask(mask, bright, vs, float(cfg.field_margin_mm),
+                                         multi_echo=False).to(torch.float32)
+            noise_support = noise * support
         noise.mul_(maskf)
         local = local_clean + noise
 
@@ -291,6 +306,14 @@ class QSMSimulator:
             bgm = background.unsqueeze(0)
             sample["background_field_ppm"] = bgm
             sample["total_field_ppm"] = sample["local_field_ppm"] + bgm
+            if float(cfg.field_margin_mm) > 0:
+                if support is None:  # the patch lies inside the brain: no rim
+                    support = maskf
+                    noise_support = noise
+                local_support = local_full * support + noise_support
+                sample["field_support"] = support.unsqueeze(0)
+                sample["local_field_support_ppm"] = local_support.unsqueeze(0)
+                sample["total_field_ppm"] = (local_support + bg_full * support).unsqueeze(0)
         if not return_info:
             return sample
         info.update(

@@ -109,12 +109,18 @@ class SimulatedDataset(Dataset):
         one the method returns a field on (PDF: unchanged; SMV methods: eroded). The data module
         has checked that the simulator makes the total field.
         """
+        true_local = sample["local_field_ppm"]
         mask = sample["mask"][0] != 0
+        if "field_support" in sample:
+            # as ``qsmnet predict`` from phase: removal and inversion on the brain and its CSF
+            # rim (simulator.field_margin_mm), where the total field is measured too
+            mask = sample["field_support"][0] != 0
+            true_local = sample["local_field_support_ppm"]
         local, out_mask = remove_background(
             self.bfr, sample["total_field_ppm"][0], mask, sample["voxel_size_mm"].double(),
             sample["b0_dir"].double(), **self.bfr_params)
         out = dict(sample)
-        out["local_field_true_ppm"] = sample["local_field_ppm"] * out_mask.to(local.dtype)
+        out["local_field_true_ppm"] = true_local * out_mask.to(local.dtype)
         out["local_field_ppm"] = local.to(sample["local_field_ppm"].dtype)[None]
         out["mask"] = out_mask.to(sample["mask"].dtype)[None]
         return out
@@ -220,12 +226,16 @@ class SimulatedQSMDataModule(L.LightningDataModule):
         checked when training starts).
     estimate_params : keyword arguments of ``classical_estimate`` (``tv_lam``,
         ``tv_iterations``, ``pad``, ...).
-    bfr : None, or a background-removal method (``"pdf"``, ``"vsharp"``, ``"resharp"``) applied
-        to each sample's total field (needs ``simulator.with_total_field``): the network then
+    bfr : None, or a background-removal method (``"pdf"``, ``"vsharp"``, ``"resharp"``,
+        ``"vresharp"``) applied to each sample's total field (needs
+        ``simulator.with_total_field``): the network then
         learns to invert *background-removed* fields, as inference from phase gives it, with
         whatever part of the local field the method removes (the harmonic-looking field of
         sources at the mask edge). The simulated local field goes to ``local_field_true_ppm``
-        (used by the data-consistency loss) and the mask to the one the method returns.
+        (used by the data-consistency loss) and the mask to the one the method returns. With
+        ``simulator.field_margin_mm`` the removal runs on the brain and its CSF rim, as
+        ``qsmnet predict`` does, and the network is trained on that region (chi is 0 ppm in
+        the CSF).
     bfr_params : keyword arguments of that method.
     """
 

@@ -1,6 +1,15 @@
 """Classical QSM preprocessing and baselines as torch transforms (CPU or CUDA)."""
 
-from qsmnet.transforms.background import PDF, RESHARP, VSHARP, pdf, resharp, vsharp
+from qsmnet.transforms.background import (
+    PDF,
+    RESHARP,
+    VRESHARP,
+    VSHARP,
+    pdf,
+    resharp,
+    vresharp,
+    vsharp,
+)
 from qsmnet.transforms.base import Compose, DictTransform, Transform
 from qsmnet.transforms.field_support import FieldSupport, field_support_mask
 from qsmnet.transforms.inversion import (
@@ -18,6 +27,7 @@ __all__ = [
     "RESHARP",
     "TKD",
     "TVADMM",
+    "VRESHARP",
     "VSHARP",
     "ClosedFormL2",
     "Compose",
@@ -31,5 +41,6 @@ __all__ = [
     "resharp",
     "tkd",
     "tv_admm",
+    "vresharp",
     "vsharp",
 ]

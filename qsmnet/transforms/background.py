@@ -12,6 +12,8 @@ Methods
   with the largest kernel's truncated inverse.
 * :func:`resharp` — regularised SHARP (Sun & Wilman 2013): Tikhonov-regularised deconvolution of
   the SMV-filtered field by conjugate gradients.
+* :func:`vresharp` — V-SHARP's variable-radius high-pass with RESHARP's regularised solve, each
+  voxel matched with the kernel of its own radius.
 * :func:`pdf` — projection onto dipole fields (Liu 2011): least-squares fit of the field inside
   the mask by dipoles outside it, optional noise weights, CG on the normal equations.
 
@@ -133,32 +135,46 @@ def _finish(local: torch.Tensor, out_mask: torch.Tensor) -> tuple[torch.Tensor, 
 # V-SHARP
 # --------------------------------------------------------------------------------------------
 
+def _smv_bands(fp, mp, vs, radii, s):
+    """Variable-radius SMV filters on the padded grid ``s``.
+
+    Returns ``(c_max, kernels, bands, filled)``: ``c_max`` the high-pass ``1 - S`` (real
+    rfftn) of the largest radius; for each radius whose eroded mask adds voxels (largest
+    first), its high-pass and its band, the voxels whose largest fitting sphere has that radius
+    (float 0/1); and ``filled``, the mask eroded by the smallest radius (bool).
+    """
+    spheres = _SphereSpectra(s, vs, fp.dtype, fp.device)
+    m_spec = torch.fft.rfftn(mp)
+    filled = torch.zeros(s, dtype=torch.bool, device=fp.device)
+    c_max, kernels, bands = None, [], []
+    for r in radii:
+        sph, supp, n = spheres(r)
+        ero = _erode(m_spec, supp, n, s)
+        c = 1.0 - sph                              # the SMV high-pass (delta - S), real
+        if c_max is None:
+            c_max = c
+        new = ero & ~filled
+        if bool(new.any()):
+            kernels.append(c)
+            bands.append(new.to(fp.dtype))
+            filled |= ero
+    return c_max, kernels, bands, filled
+
+
 def _vsharp_single(f, m, vs, radii, threshold):
     _check_voxel_size(vs)
     full = tuple(f.shape)
     margin = _radius_voxels(max(radii), vs)
     fp, mp, pads, box, cshape, padded = _padded_crop(f, m, [a + 1 for a in margin])
-    spheres = _SphereSpectra(padded, vs, fp.dtype, fp.device)
     s = tuple(padded)
+    c_max, kernels, bands, filled = _smv_bands(fp, mp, vs, radii, s)
+    inv = torch.where(c_max.abs() >= threshold,
+                      1.0 / torch.where(c_max == 0, torch.ones_like(c_max), c_max),
+                      torch.zeros_like(c_max))
     f_spec = torch.fft.rfftn(fp)
-    m_spec = torch.fft.rfftn(mp)
     out = torch.zeros_like(fp)
-    filled = torch.zeros(s, dtype=torch.bool, device=fp.device)
-    inv = None
-    for r in radii:
-        sph, supp, n = spheres(r)
-        ero = _erode(m_spec, supp, n, s)
-        hp_kernel = 1.0 - sph                      # the SMV high-pass (delta - S), real
-        if inv is None:
-            inv = torch.where(hp_kernel.abs() >= threshold,
-                              1.0 / torch.where(hp_kernel == 0, torch.ones_like(hp_kernel),
-                                                hp_kernel),
-                              torch.zeros_like(hp_kernel))
-        new = ero & ~filled
-        if bool(new.any()):
-            hp = torch.fft.irfftn(f_spec * hp_kernel, s=s)
-            out = torch.where(new, hp, out)
-            filled |= ero
+    for c, band in zip(kernels, bands):
+        out = torch.where(band > 0, torch.fft.irfftn(f_spec * c, s=s), out)
     local = torch.fft.irfftn(torch.fft.rfftn(out) * inv, s=s) * filled.to(fp.dtype)
     local = _uncrop_box(_crop(local, pads, cshape), box, full)
     out_mask = _uncrop_box(_crop(filled, pads, cshape), box, full)
@@ -233,6 +249,119 @@ def vsharp(field_ppm: torch.Tensor, mask: torch.Tensor,
             if not radii or radii[-1] <= 0:
                 raise ValueError(f"radii_mm must be positive, got {radii_mm!r}")
         return _vsharp_single(f, m, vs, radii, threshold)
+
+    with torch.no_grad():
+        local, out_mask = _map_samples(one, x, mask, vss)
+    return _finish(local, out_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# V-RESHARP
+# --------------------------------------------------------------------------------------------
+
+def _vresharp_single(f, m, vs, radii, lam, max_iter, tol):
+    _check_voxel_size(vs)
+    full = tuple(f.shape)
+    margin = _radius_voxels(max(radii), vs)
+    fp, mp, pads, box, cshape, padded = _padded_crop(f, m, [a + 1 for a in margin])
+    s = tuple(padded)
+    _, kernels, bands, filled = _smv_bands(fp, mp, vs, radii, s)
+
+    def normal(a):
+        # sum_r C_r^T B_r C_r a, with one forward and one inverse FFT shared by every radius
+        a_spec = torch.fft.rfftn(a)
+        acc = torch.zeros_like(a_spec)
+        for c, band in zip(kernels, bands):
+            acc += torch.fft.rfftn(band * torch.fft.irfftn(a_spec * c, s=s)) * c
+        return torch.fft.irfftn(acc, s=s)
+
+    rhs = normal(fp)
+    x, _, _ = conjugate_gradient(lambda a: normal(a).add_(a, alpha=lam), rhs,
+                                 max_iter=max_iter, tol=tol)
+    filled_f = filled.to(fp.dtype)
+    local = _uncrop_box(_crop(x * filled_f, pads, cshape), box, full)
+    out_mask = _uncrop_box(_crop(filled, pads, cshape), box, full)
+    return local, out_mask
+
+
+def vresharp(field_ppm: torch.Tensor, mask: torch.Tensor,
+             voxel_size_mm: Vec3 = (1.0, 1.0, 1.0), radii_mm: Sequence[float] | None = None,
+             lam: float = 1e-2, max_radius_mm: float = 12.0,
+             min_radius_mm: float | None = None, step_mm: float | None = None,
+             max_iter: int = 50, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-radius regularised SHARP (V-RESHARP): V-SHARP's data, RESHARP's solve.
+
+    Each voxel of the mask eroded by the smallest radius gets the largest radius ``r`` whose
+    sphere fits in the mask (as :func:`vsharp`: its band ``B_r``), and the local field
+    minimises ``sum_r ||B_r C_r (x - f)||^2 + lam ||x||^2`` with ``C_r = delta - S_r``: every
+    voxel's high-passed field is matched with the kernel that made it, and the Tikhonov term
+    picks the smallest field that explains them all (:func:`resharp` with one radius).
+    Conjugate gradients on the normal equations; each iteration costs
+    ``2 + 2 * len(radii)`` FFTs.
+
+    :func:`vsharp` instead deconvolves the combined high-passed field with the largest kernel's
+    truncated inverse. That treats the smaller radii's voxels as if filtered by the largest
+    kernel, and the field outside the returned mask as zero, and the truncation drops every
+    frequency where ``|1 - S_rmax| < threshold``. On the head phantoms (scale 0.75, seed 0,
+    peak SNR 100, noisy total field; local-field NRMSE in the returned mask, 0.87 / 0.87 /
+    0.76 of the brain) V-SHARP leaves 80.1 / 82.7 / 53.2 % (axial 1 mm / tilted 25 deg /
+    1x1x2 mm) and this method 32.1 / 32.3 / 24.0 %; solving the same masked least squares with
+    the largest kernel alone gave 50.9 / 49.9 / 27.4 %. It is close in spirit to iRSHARP
+    (Fang 2017), which also varies the radius near the boundary under a regularised solve.
+
+    Parameters
+    ----------
+    field_ppm : (..., X, Y, Z) tensor
+        Total field, ppm.
+    mask : (X, Y, Z) or (B, X, Y, Z) bool tensor
+        Brain mask; the field outside it is ignored.
+    voxel_size_mm : (3,) or (B, 3)
+        Voxel size, mm.
+    radii_mm : sequence of float, optional
+        Radii in mm (sorted largest first here). Default: ``max_radius_mm`` down to
+        ``min_radius_mm`` in steps of ``step_mm``.
+    lam : float
+        Tikhonov weight (dimensionless, as :func:`resharp`'s). Default 1e-2, chosen with the
+        step on a head phantom outside the evaluation set (seed 2; local-field NRMSE %, axial
+        1 mm / tilted 25 deg / 1x1x2 mm, radius step 1 mm at 1 mm and 2 mm at 1x1x2 mm ->
+        2 mm and 4 mm): lam 1e-3 31.3 / 31.2 / 20.5 -> 30.7 / 30.5 / 20.9; 3e-3 31.1 / 31.0 /
+        20.6 -> 30.5 / 30.2 / 21.0; 1e-2 30.8 / 30.5 / 20.9 -> 30.3 / 29.8 / 21.6; 3e-2 31.7 /
+        31.0 / 22.4 -> 31.9 / 31.0 / 23.9; 1e-1 37.5 / 35.9 / 28.4 -> 39.3 / 37.6 / 30.8.
+    max_radius_mm, min_radius_mm : float
+        As :func:`vsharp` (12 mm; two voxels).
+    step_mm : float, optional
+        Radius step; default 2 mm, or the largest voxel dimension where that is larger (1 mm
+        iso: 12, 10, ..., 2; 1x1x2 mm: 12, 10, ..., 4). On the phantom above a 2 mm step was
+        as good as 1 mm at 1 mm voxels for half the cost, and a 4 mm step worse at 1x1x2 mm.
+    max_iter : int
+        CG iterations (fixed budget).
+    tol : float
+        CG relative residual tolerance.
+
+    Returns
+    -------
+    local_field_ppm, mask : as :func:`vsharp` (the mask eroded by the smallest radius).
+
+    References
+    ----------
+    Wu B. et al., MRM 67:137 (2012) (V-SHARP); Sun H., Wilman A. H., MRM 71:1151 (2014)
+    (RESHARP); Fang J. et al., J. Magn. Reson. 281:130 (2017) (iRSHARP).
+    """
+    if lam <= 0:
+        raise ValueError(f"lam must be positive, got {lam}")
+    x = _check_inputs(field_ppm, mask)
+    lead = tuple(x.shape[:-3])
+    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+
+    def one(f, m, vs, _extra):
+        if radii_mm is None:
+            step = max(2.0, max(vs)) if step_mm is None else step_mm
+            radii = _default_radii(vs, max_radius_mm, min_radius_mm, step)
+        else:
+            radii = sorted((float(r) for r in radii_mm), reverse=True)
+            if not radii or radii[-1] <= 0:
+                raise ValueError(f"radii_mm must be positive, got {radii_mm!r}")
+        return _vresharp_single(f, m, vs, radii, lam, max_iter, tol)
 
     with torch.no_grad():
         local, out_mask = _map_samples(one, x, mask, vss)
@@ -496,6 +625,34 @@ class RESHARP(Transform):
         return f"RESHARP(radius_mm={self.radius_mm}, lam={self.lam}, max_iter={self.max_iter})"
 
 
+class VRESHARP(Transform):
+    """Transform wrapper of :func:`vresharp` (keys as :class:`VSHARP`)."""
+
+    input_keys = _BFR_KEYS
+    output_keys = ("local_field_ppm", "mask")
+
+    def __init__(self, radii_mm: Sequence[float] | None = None, lam: float = 1e-2,
+                 max_radius_mm: float = 12.0, min_radius_mm: float | None = None,
+                 step_mm: float | None = None, max_iter: int = 50, tol: float = 1e-4) -> None:
+        self.radii_mm = None if radii_mm is None else [float(r) for r in radii_mm]
+        self.lam = lam
+        self.max_radius_mm = max_radius_mm
+        self.min_radius_mm = min_radius_mm
+        self.step_mm = step_mm
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def __call__(self, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0)):
+        return vresharp(field_ppm, mask, voxel_size_mm, radii_mm=self.radii_mm, lam=self.lam,
+                        max_radius_mm=self.max_radius_mm, min_radius_mm=self.min_radius_mm,
+                        step_mm=self.step_mm, max_iter=self.max_iter, tol=self.tol)
+
+    def __repr__(self) -> str:
+        radii = self.radii_mm if self.radii_mm is not None else (
+            f"{self.max_radius_mm}..{self.min_radius_mm or '2 voxels'}")
+        return f"VRESHARP(radii_mm={radii}, lam={self.lam}, max_iter={self.max_iter})"
+
+
 class PDF(Transform):
     """Transform wrapper of :func:`pdf`.
 
@@ -525,4 +682,4 @@ class PDF(Transform):
 
 
 #: background-removal functions by name (``--bfr``, ``data.bfr``)
-BFR_METHODS = {"vsharp": vsharp, "pdf": pdf, "resharp": resharp}
+BFR_METHODS = {"vsharp": vsharp, "pdf": pdf, "resharp": resharp, "vresharp": vresharp}
