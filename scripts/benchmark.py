@@ -15,7 +15,7 @@ every JSON present, so sections can be run separately and a killed run resumes w
     * end to end from wrapped multi-echo phase with the true brain mask, as ``qsmnet predict``
       runs it: field mapping on the brain and the rim of bright signal around it
       (``--field-margin``, 2 mm), the unreliable-phase test, each background removal (PDF,
-      V-SHARP, RESHARP) on that region, then each inversion where the background removal
+      V-SHARP, RESHARP, V-RESHARP) on that region, then each inversion where the background removal
       returned a field (``unet`` with the model's setting for background-removed fields), chi
       scored on the brain.
 
@@ -72,7 +72,7 @@ ABLATION_EXPERIMENTS = ("baseline", "no_dc", "dc_only", "field_only_input", "sma
 SIM_TEST_SEEDS = tuple(range(900_001, 900_009))
 SIM_TEST_SHAPE = (80, 80, 80)
 TILTS_DEG = (0.0, 15.0, 30.0, 45.0, 60.0, 90.0)
-BFRS = ("pdf", "vsharp", "resharp")
+BFRS = ("pdf", "vsharp", "resharp", "vresharp")
 SIZES = ((64, 64, 64), (128, 128, 96), (160, 192, 160), (256, 256, 176))
 
 

@@ -188,23 +188,34 @@ def test_precomputed_tv_estimate_matches_the_network_own():
         SimulatedQSMDataModule(**SMALL, estimates=["medi"])
 
 
-def test_bfr_samples_feed_the_network_what_pdf_makes_of_the_total_field():
+def _plain_and_pdf_batches(**simulator):
+    """One batch without and one with ``data.bfr=pdf`` (same seed), and a check that the
+    second's input is PDF of the first's total field on the field support (or the mask),
+    sample by sample."""
     from qsmnet.transforms.background import pdf
 
-    sim = {**SMALL["simulator"], "with_total_field": True, "full_mask_prob": 0.0}
+    sim = {**SMALL["simulator"], "with_total_field": True, "full_mask_prob": 0.0, **simulator}
     plain = SimulatedQSMDataModule(**{**SMALL, "simulator": sim}, seed=5)
     bfr = SimulatedQSMDataModule(**{**SMALL, "simulator": sim}, seed=5, bfr="pdf",
                                  bfr_params={"max_iter": 30})
     a, b = _batches(plain, 1)[0], _batches(bfr, 1)[0]
+    region = a["field_support"] if "field_support" in a else a["mask"]
+    for i in range(2):
+        direct, _ = pdf(a["total_field_ppm"][i, 0], region[i, 0] != 0,
+                        a["voxel_size_mm"][i].double(), a["b0_dir"][i].double(), max_iter=30)
+        torch.testing.assert_close(b["local_field_ppm"][i, 0], direct.float(), rtol=1e-4,
+                                   atol=1e-6)
+    return a, b
+
+
+def test_bfr_samples_feed_the_network_what_pdf_makes_of_the_total_field():
+    a, b = _plain_and_pdf_batches()
     # the chi truth and the simulated local field are untouched (moved, for the physics loss)
     assert torch.equal(a["chi_ppm"], b["chi_ppm"]) and torch.equal(a["mask"], b["mask"])
     assert torch.equal(b["local_field_true_ppm"], a["local_field_ppm"])
+    sim = {**SMALL["simulator"], "with_total_field": True, "full_mask_prob": 0.0}
     for i in range(2):
         m = a["mask"][i, 0] != 0
-        direct, _ = pdf(a["total_field_ppm"][i, 0], m, a["voxel_size_mm"][i].double(),
-                        a["b0_dir"][i].double(), max_iter=30)
-        torch.testing.assert_close(b["local_field_ppm"][i, 0], direct.float(), rtol=1e-4,
-                                   atol=1e-6)
 
         def err(x, m=m, truth=a["local_field_ppm"][i, 0]):
             d, t = x[m] - x[m].mean(), truth[m] - truth[m].mean()
@@ -221,21 +232,8 @@ def test_bfr_samples_feed_the_network_what_pdf_makes_of_the_total_field():
 def test_bfr_with_the_csf_rim_runs_on_brain_and_rim_as_predict_does():
     """simulator.field_margin_mm: PDF runs on the brain and its CSF rim, and the network is
     trained on that region with the field of the brain's chi there as the physics truth."""
-    from qsmnet.transforms.background import pdf
-
-    sim = {**SMALL["simulator"], "with_total_field": True, "full_mask_prob": 0.0,
-           "csf_mm": (3.0, 4.0), "field_margin_mm": 2.0}
-    plain = SimulatedQSMDataModule(**{**SMALL, "simulator": sim}, seed=5)
-    bfr = SimulatedQSMDataModule(**{**SMALL, "simulator": sim}, seed=5, bfr="pdf",
-                                 bfr_params={"max_iter": 30})
-    a, b = _batches(plain, 1)[0], _batches(bfr, 1)[0]
+    a, b = _plain_and_pdf_batches(csf_mm=(3.0, 4.0), field_margin_mm=2.0)
     assert torch.equal(a["chi_ppm"], b["chi_ppm"])
     assert torch.equal(b["mask"], a["field_support"])       # PDF keeps its mask
     assert bool((a["field_support"] > a["mask"]).any())     # the rim is there
     assert torch.equal(b["local_field_true_ppm"], a["local_field_support_ppm"])
-    for i in range(2):
-        m = a["field_support"][i, 0] != 0
-        direct, _ = pdf(a["total_field_ppm"][i, 0], m, a["voxel_size_mm"][i].double(),
-                        a["b0_dir"][i].double(), max_iter=30)
-        torch.testing.assert_close(b["local_field_ppm"][i, 0], direct.float(), rtol=1e-4,
-                                   atol=1e-6)
