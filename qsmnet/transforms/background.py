@@ -316,7 +316,7 @@ def vresharp(field_ppm: torch.Tensor, mask: torch.Tensor,
     frequency where ``|1 - S_rmax| < threshold``. On the head phantoms (scale 0.75, seed 0,
     peak SNR 100, noisy total field; local-field NRMSE in the returned mask, 0.87 / 0.87 /
     0.76 of the brain) V-SHARP leaves 80.1 / 82.7 / 53.2 % (axial 1 mm / tilted 25 deg /
-    1x1x2 mm) and this method 32.1 / 32.3 / 24.0 %; solving the same masked least squares with
+    1x1x2 mm) and this method 32.1 / 32.3 / 23.5 %; solving the same masked least squares with
     the largest kernel alone gave 50.9 / 49.9 / 27.4 %. It is close in spirit to iRSHARP
     (Fang 2017), which also varies the radius near the boundary under a regularised solve.
 
