@@ -284,12 +284,14 @@ class QSMSimulator:
         else:
             noise.mul_(nominal_std)
         support = None
-        if need_bg and float(cfg.field_margin_mm) > 0 and head.labels is not None:
-            # the rim whose field ``qsmnet predict`` also measures, by the same rule
-            # (field_support_mask), with brain and CSF as the bright signal (the CSF is)
-            bright = ((head.labels == BRAIN) | (head.labels == CSF)).to(torch.float32)
-            support = field_support_mask(mask, bright, vs, float(cfg.field_margin_mm),
-                                         multi_echo=False).to(torch.float32)
+        if float(cfg.field_margin_mm) > 0:  # the config has checked with_total_field
+            support = maskf  # a patch inside the brain has no rim
+            if head.labels is not None:
+                # the rim whose field ``qsmnet predict`` also measures, by the same rule
+                # (field_support_mask), with brain and CSF as the bright signal (the CSF is)
+                bright = ((head.labels == BRAIN) | (head.labels == CSF)).to(torch.float32)
+                support = field_support_mask(mask, bright, vs, float(cfg.field_margin_mm),
+                                             multi_echo=False).to(torch.float32)
             noise_support = noise * support
         noise.mul_(maskf)
         local = local_clean + noise
@@ -306,10 +308,7 @@ class QSMSimulator:
             bgm = background.unsqueeze(0)
             sample["background_field_ppm"] = bgm
             sample["total_field_ppm"] = sample["local_field_ppm"] + bgm
-            if float(cfg.field_margin_mm) > 0:
-                if support is None:  # the patch lies inside the brain: no rim
-                    support = maskf
-                    noise_support = noise
+            if support is not None:
                 local_support = local_full * support + noise_support
                 sample["field_support"] = support.unsqueeze(0)
                 sample["local_field_support_ppm"] = local_support.unsqueeze(0)
