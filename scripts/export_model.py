@@ -17,11 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
-from qsmnet.inference.model_store import save_release
+from qsmnet.inference.model_store import read_checkpoint, save_release
 from qsmnet.io.atomic import atomic_write_text
+from qsmnet.io.errors import QSMInputError
 from qsmnet.models import QSMNet
 
 
@@ -54,8 +54,12 @@ def main(argv=None) -> int:
     p.add_argument("--notes", default="")
     a = p.parse_args(argv)
 
-    ckpt = torch.load(a.ckpt, map_location="cpu", weights_only=True)
-    net = QSMNet.from_checkpoint(a.ckpt)
+    try:
+        ckpt = read_checkpoint(a.ckpt)
+    except QSMInputError as exc:
+        print(f"export_model.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    net = QSMNet.from_checkpoint_dict(ckpt)
     run_dir = a.ckpt.resolve().parents[1]
     cfg_path = run_dir / ".hydra" / "config.yaml"
     overrides_path = run_dir / ".hydra" / "overrides.yaml"

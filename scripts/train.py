@@ -10,15 +10,23 @@ Examples::
     python scripts/train.py paths.output_dir=RUN ckpt_path=last   # resume a killed run
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from qsmnet.io.errors import QSMInputError
 from qsmnet.training.train import train
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    try:
+        return train(cfg)
+    except (QSMInputError, FileNotFoundError) as exc:
+        # a checkpoint or init_from that is missing or not qsmnet's: one line, as `qsmnet` does
+        print(f"train.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

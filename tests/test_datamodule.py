@@ -80,8 +80,8 @@ def test_training_stream_repeats_with_seed_and_changes_every_epoch():
     a1, b1 = _batches(a), _batches(b)
     assert all(_same(x, y) for x, y in zip(a1, b1))
     assert not torch.equal(a0[0]["chi_ppm"], a1[0]["chi_ppm"])
-    # set_epoch (what Lightning calls, also after resuming) replays an epoch exactly.
-    a.train_sampler.set_epoch(0)
+    # seek (what a resumed run does) replays an epoch exactly.
+    a.train_sampler.seek(0)
     assert all(_same(x, y) for x, y in zip(a0, _batches(a)))
     state = b.state_dict()
     fresh = SimulatedQSMDataModule(**SMALL, seed=5)
@@ -104,8 +104,14 @@ def test_epoch_sampler():
     s = EpochSampler(3)
     assert list(s) == [(0, 0), (0, 1), (0, 2)]
     assert list(s) == [(1, 0), (1, 1), (1, 2)]
-    s.set_epoch(7)
+    s.seek(7)
     assert list(s)[0] == (7, 0) and len(s) == 3
+    # part-way into an epoch (a resumed run): the rest of that epoch, then whole epochs
+    s.seek(2, start=2)
+    assert list(s) == [(2, 2)] and list(s) == [(3, 0), (3, 1), (3, 2)]
+    assert s.current == 3
+    with pytest.raises(ValueError, match="outside"):
+        s.seek(0, start=4)
 
 
 def test_seed_none_follows_global_seed():
@@ -142,7 +148,7 @@ def test_unknown_simulator_option_is_an_error():
 
 
 def test_lightning_sets_epochs():
-    """Lightning's fit loop calls the sampler's set_epoch: epoch e sees the stream's epoch e."""
+    """Under Lightning's fit loop, epoch e sees the stream's epoch e."""
     seen = []
 
     class Probe(L.LightningModule):
@@ -165,7 +171,7 @@ def test_lightning_sets_epochs():
     ref = SimulatedQSMDataModule(**SMALL, seed=8)
     expected = []
     for epoch in range(2):
-        ref.train_sampler.set_epoch(epoch)
+        ref.train_sampler.seek(epoch)
         expected += [(epoch, b["chi_ppm"].sum().item()) for b in _batches(ref)]
     assert seen == expected
 

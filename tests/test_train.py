@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -20,6 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from qsmnet.models import CHECKPOINT_CONFIG_KEY, QSMNet
+from qsmnet.training.callbacks import read_batch_log
 from qsmnet.training.train import resolve_ckpt_path, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +127,54 @@ def test_resume_continues_step_and_optimizer_state(tmp_path):
     assert {float(s["step"]) for s in second["optimizer_states"][0]["state"].values()} == {6.0}
 
 
+class SimulatedCrash(RuntimeError):
+    """Raised by :class:`CrashAtStep`: the run dies as a killed one does, with no final save."""
+
+
+class CrashAtStep(L.Callback):
+    """Dies before optimiser step ``step`` (after the periodic checkpoints written until then)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise SimulatedCrash(f"crash before step {self.step}")
+
+
+def _batch_log(run: Path) -> tuple[str, str]:
+    return ("+callbacks.batch_log._target_=qsmnet.training.callbacks.BatchLog",
+            f"+callbacks.batch_log.path={run / 'batches.tsv'}")
+
+
+# 4 batches an epoch, 11 steps: three epochs, validation at steps 3, 6, 9, checkpoints every 2.
+RESUME = ("~logger", "data.steps_per_epoch=4", "trainer.val_check_interval=3",
+          "callbacks.last_checkpoint.every_n_train_steps=2", "trainer.max_steps=11")
+
+
+@pytest.mark.parametrize("crash_at", [3, 5, 9])
+def test_resumed_run_trains_on_the_batches_of_the_uninterrupted_run(tmp_path, crash_at):
+    """Crashed mid-epoch (3, 9: one step after a checkpoint and a validation; 5: in the epoch
+    after the checkpoint at its boundary) and resumed with ckpt_path=last: every step trains on
+    the samples of the uninterrupted run (exact stream indices), and the final weights agree."""
+    train(_cfg(tmp_path / "ref", *RESUME, *_batch_log(tmp_path / "ref")))
+    ref = read_batch_log(tmp_path / "ref" / "batches.tsv")
+    assert len(ref) == 11 and ref[4] == "1:0" and ref[10] == "2:2"
+    run = tmp_path / "run"
+    with pytest.raises(SimulatedCrash):
+        train(_cfg(run, *RESUME, *_batch_log(run), "+callbacks.crash._target_=test_train.CrashAtStep",
+                   f"+callbacks.crash.step={crash_at}"))
+    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == crash_at - crash_at % 2
+    train(_cfg(run, *RESUME, *_batch_log(run), "ckpt_path=last"))
+    assert read_batch_log(run / "batches.tsv") == ref
+    got, want = _ckpt(run / "checkpoints" / "last.ckpt"), _ckpt(tmp_path / "ref" / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == want["global_step"] == 11
+    # Same samples, same optimiser state: only float reduction order may differ. One wrong
+    # batch moves the weights by ~1e-2 (the lr times a normalised Adam step).
+    for name, value in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][name], value, rtol=1e-4, atol=1e-5)
+
+
 def test_resume_with_another_architecture_fails_clearly(tmp_path):
     common = ("~logger", "trainer.max_steps=2", "trainer.val_check_interval=2")
     train(_cfg(tmp_path, *common))
@@ -204,35 +254,52 @@ def test_ddp_cpu_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_from_last(tmp_path):
-    args = [*TINY, "~logger", "trainer.val_check_interval=1000", "callbacks.last_checkpoint.every_n_train_steps=2",
-            f"paths.output_dir={tmp_path}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args, "trainer.max_steps=1000"],
+def test_sigkill_at_a_random_point_then_resume_trains_on_the_same_batches(tmp_path):
+    """SIGKILL at a random step (printed on failure), resume with ckpt_path=last: the final step
+    count, the stream of every step and the final weights are those of an uninterrupted run, and
+    every file left behind loads."""
+    import random
+
+    steps = 40
+    args = ["~logger", "data.steps_per_epoch=6", "trainer.val_check_interval=1000",
+            "callbacks.last_checkpoint.every_n_train_steps=3", f"trainer.max_steps={steps}"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    res = _script(*args, f"paths.output_dir={ref_dir}", *_batch_log(ref_dir))
+    assert res.returncode == 0, res.stderr[-3000:]
+    kill_after = random.Random().randint(4, steps - 6)  # batches started before the kill
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *TINY, *args,
+                             f"paths.output_dir={run_dir}", *_batch_log(run_dir)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    log_file = run_dir / "batches.tsv"
     try:
         deadline = time.time() + 300
-        step = 0
-        while time.time() < deadline and step < 4:
-            time.sleep(1.0)
-            if last.is_file():
-                try:
-                    step = _ckpt(last)["global_step"]
-                except Exception:  # noqa: BLE001 - being written right now; try again
-                    continue
-        assert step >= 4, "no checkpoint written in time"
+        while time.time() < deadline and proc.poll() is None:
+            if log_file.is_file() and len(log_file.read_text().splitlines()) >= kill_after:
+                break
+            time.sleep(0.005)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = _ckpt(last)["global_step"]
-    res = _script(*args[len(TINY):], "ckpt_path=last", f"trainer.max_steps={killed_at + 2}")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming from" in (tmp_path / "train.log").read_text()
-    resumed = _ckpt(last)
-    assert resumed["global_step"] == killed_at + 2
-    assert {float(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()} == {killed_at + 2.0}
+    why = f"killed after {kill_after} batches"
+    assert proc.returncode == -signal.SIGKILL, why
+    last = run_dir / "checkpoints" / "last.ckpt"
+    killed_at = _ckpt(last)["global_step"] if last.is_file() else 0
+    assert killed_at < steps, why
+    # nothing half-written: every checkpoint file loads, no temporary file is left
+    for f in (run_dir / "checkpoints").glob("*"):
+        assert f.suffix == ".ckpt", f"{why}: {f.name} left behind"
+        _ckpt(f)
+    res = _script(*args, f"paths.output_dir={run_dir}", *_batch_log(run_dir),
+                  "ckpt_path=last" if killed_at else "ckpt_path=null")
+    assert res.returncode == 0, f"{why}: {res.stderr[-3000:]}"
+    ref, got = read_batch_log(ref_dir / "batches.tsv"), read_batch_log(log_file)
+    assert len(ref) == steps and got == ref, why
+    want, have = _ckpt(ref_dir / "checkpoints" / "last.ckpt"), _ckpt(last)
+    assert have["global_step"] == want["global_step"] == steps, why
+    # same samples and optimiser state in two processes: reduction order only (see above)
+    for name, value in want["state_dict"].items():
+        torch.testing.assert_close(have["state_dict"][name], value, rtol=1e-4, atol=1e-5, msg=why)
 
 
 def test_precomputed_estimates_with_other_parameters_are_refused(tmp_path):
@@ -286,3 +353,62 @@ def test_physics_loss_uses_the_true_local_field_when_the_input_is_background_rem
     torch.testing.assert_close(got_plain, wrong)
     torch.testing.assert_close(got_true, expected)
     assert abs(float(expected - wrong)) > 1e-4
+
+
+class _Payload:
+    """Unpickling this would create the file ``path`` (a crafted 'checkpoint')."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.fixture
+def refused_models(tmp_path) -> dict[str, Path]:
+    """Files that are not qsmnet checkpoints: text, a crafted pickle, a release file."""
+    import pickle
+
+    from qsmnet.inference.model_store import SHIPPED_MODEL
+
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    crafted = tmp_path / "crafted.ckpt"
+    crafted.write_bytes(pickle.dumps({"state_dict": _Payload(tmp_path / "PWNED")}))
+    return {"text": text, "crafted": crafted, "release": SHIPPED_MODEL}
+
+
+def _one_error_line(res: subprocess.CompletedProcess, prog: str, name: str) -> str:
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in res.stderr
+    errors = [line for line in lines if line.startswith(f"{prog}: error: ")]
+    assert len(errors) == 1 and name in errors[0], res.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("kind", ["text", "crafted", "release"])
+def test_train_refuses_a_file_that_is_not_a_checkpoint_in_one_line(tmp_path, refused_models, kind):
+    path = refused_models[kind]
+    res = _script("~logger", "trainer.max_steps=1", f"paths.output_dir={tmp_path / 'run'}",
+                  f"ckpt_path={path}")
+    line = _one_error_line(res, "train.py", path.name)
+    assert ("release file" in line) if kind == "release" else ("cannot load" in line)
+    assert not (tmp_path / "PWNED").exists()  # the pickle was refused, not executed
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_train_init_from_and_export_refuse_foreign_files_in_one_line(tmp_path, refused_models):
+    crafted = refused_models["crafted"]
+    res = _script("~logger", "trainer.max_steps=1", f"paths.output_dir={tmp_path / 'run'}",
+                  f"init_from={crafted}")
+    assert "cannot load a qsmnet" in _one_error_line(res, "train.py", crafted.name)
+    for kind in ("text", "crafted", "release"):
+        path = refused_models[kind]
+        res = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_model.py"), str(path),
+                              "--out", str(tmp_path / "x.pt"), "--name", "x"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        _one_error_line(res, "export_model.py", path.name)
+        assert not (tmp_path / "x.pt").exists()
+    assert not (tmp_path / "PWNED").exists()

@@ -13,6 +13,7 @@ Nothing is downloaded: the shipped weights are part of the package.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 
 from qsmnet.io.atomic import atomic_path, atomic_write_json
 from qsmnet.io.errors import QSMInputError
-from qsmnet.models.qsm_net import QSMNet
+from qsmnet.models.qsm_net import CHECKPOINT_CONFIG_KEY, QSMNet
 
 RELEASE_FORMAT = "qsmnet-model/1"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -56,6 +57,45 @@ def load_release(path: str | os.PathLike, map_location: str | torch.device = "cp
     return net.eval(), dict(payload.get("metadata", {}))
 
 
+def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, pickle.UnpicklingError):
+        # weights-only loading met something other than tensors and plain containers
+        return ("it holds Python objects besides tensors and plain values; refused, since "
+                "loading them could run arbitrary code")
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The contents of a training checkpoint (``.ckpt``) written by ``scripts/train.py``.
+
+    Loaded with ``torch.load(weights_only=True)``: a file holding arbitrary pickled objects is
+    refused, not executed.
+
+    Raises
+    ------
+    QSMInputError
+        Missing file, a file torch cannot load (corrupt, foreign, a crafted pickle), a release
+        file (``.pt``, which holds weights for inference, not a training state) or any other
+        dict without the network config and weights; the message names the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise QSMInputError(f"{p}: no such checkpoint file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/pickle errors for a corrupt, foreign or unsafe file
+        raise QSMInputError(f"{p.name}: cannot load a qsmnet checkpoint "
+                            f"({_first_line(exc)})") from exc
+    if isinstance(ckpt, dict) and ckpt.get("format") == RELEASE_FORMAT:
+        raise QSMInputError(f"{p.name}: a qsmnet model release file, not a training checkpoint "
+                            "(start a new run from it with init_from=)")
+    if not isinstance(ckpt, dict) or CHECKPOINT_CONFIG_KEY not in ckpt or "state_dict" not in ckpt:
+        raise QSMInputError(f"{p.name}: not a qsmnet training checkpoint (no network config "
+                            f"'{CHECKPOINT_CONFIG_KEY}' and weights)")
+    return ckpt
+
+
 def load_network(spec: str | os.PathLike, device: str | torch.device = "cpu"
                  ) -> tuple[QSMNet, dict[str, Any]]:
     """Load ``"unet"`` (the shipped model), a release ``.pt`` or a training ``.ckpt``.
@@ -70,13 +110,14 @@ def load_network(spec: str | os.PathLike, device: str | torch.device = "cpu"
         raise QSMInputError(f"{path}: no such model file")
     try:
         if path.suffix == ".ckpt":
-            net = QSMNet.from_checkpoint(path, map_location="cpu")
+            net = QSMNet.from_checkpoint_dict(read_checkpoint(path))
             meta: dict[str, Any] = {"source": str(path)}
         else:
             net, meta = load_release(path, map_location="cpu")
     except QSMInputError:
         raise
     except Exception as exc:  # torch/pickle errors for a corrupt or foreign file
-        raise QSMInputError(f"{path.name}: cannot load a qsmnet model ({exc})") from exc
+        raise QSMInputError(f"{path.name}: cannot load a qsmnet model ({_first_line(exc)})") \
+            from exc
     meta.setdefault("source", str(path))
     return net.to(device).eval(), meta

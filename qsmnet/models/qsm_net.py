@@ -230,6 +230,12 @@ class QSMNet(nn.Module):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
         if CHECKPOINT_CONFIG_KEY not in ckpt:
             raise KeyError(f"{path}: no '{CHECKPOINT_CONFIG_KEY}' entry; not a qsmnet training checkpoint")
+        return cls.from_checkpoint_dict(ckpt)
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: Mapping[str, Any]) -> QSMNet:
+        """The network of a loaded training checkpoint (see :meth:`from_checkpoint`), in eval
+        mode."""
         net = cls.from_config(ckpt[CHECKPOINT_CONFIG_KEY])
         state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         net.load_state_dict(state)

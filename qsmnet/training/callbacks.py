@@ -1,10 +1,13 @@
-"""Training callbacks: step-interval ``last.ckpt`` that also covers the final step, and a one-line
-validation summary in the log (readable when the progress bar is not, e.g. in a log file)."""
+"""Training callbacks: step-interval ``last.ckpt`` that also covers the final step, a one-line
+validation summary in the log (readable when the progress bar is not, e.g. in a log file), and a
+log of which simulated samples each step trained on."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -61,3 +64,40 @@ class ValidationSummary(L.Callback):
         if self._t0 is not None and trainer.global_step > self._step0:
             parts.append(f"{(time.perf_counter() - self._t0) / (trainer.global_step - self._step0):.2f} s/step")
         log.info(" | ".join(parts))
+
+
+class BatchLog(L.Callback):
+    """Appends one line per training batch to ``path``: ``step<TAB>rank<TAB>e:i,e:i,...``, the
+    optimiser steps done before the batch, the process rank and each sample's stream index
+    (``sample_index`` of :class:`~qsmnet.training.datamodule.SimulatedDataset`: epoch and index).
+
+    Lines are flushed one by one, so after a kill the file holds every batch that was started;
+    a resumed run appends the batches it re-trains, and the last line for a step is the one
+    that counts. Used to check that a resumed run trains on exactly the batches of an
+    uninterrupted one (``+callbacks.batch_log._target_=qsmnet.training.callbacks.BatchLog
+    +callbacks.batch_log.path=batches.tsv``).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch,
+                             batch_idx: int) -> None:
+        index = batch.get("sample_index") if isinstance(batch, dict) else None
+        if index is None:
+            return
+        items = ",".join(f"{int(e)}:{int(i)}" for e, i in index.reshape(-1, 2).tolist())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{trainer.global_step}\t{trainer.global_rank}\t{items}\n")
+
+
+def read_batch_log(path: str | os.PathLike, rank: int = 0) -> dict[int, str]:
+    """``{step: "e:i,e:i"}`` of a :class:`BatchLog` file for one rank; a step logged twice (the
+    batches a resumed run re-trained after a kill) keeps its last line."""
+    steps: dict[int, str] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        step, line_rank, items = line.split("\t")
+        if int(line_rank) == rank:
+            steps[int(step)] = items
+    return steps

@@ -5,9 +5,10 @@ Reproducibility without worker state: training sample ``i`` of epoch ``e`` is si
 seed ``derive_seed(seed, TRAIN_STREAM, e, i)`` — a pure function of the run's seed, the epoch and
 the index, whatever worker simulates it. So a run repeats exactly with the same seed, for any
 ``num_workers`` (workers and, with ``sim_threads=1``, the main process simulate with one thread,
-so even the floating-point summation order is the same), every worker produces different samples (different indices), every epoch is new
-(Lightning calls the sampler's ``set_epoch`` before each epoch; resuming from a checkpoint
-resumes the stream at that epoch), and a different seed gives a different stream.
+so even the floating-point summation order is the same), every worker produces different
+samples (different indices), every epoch is new (each pass of the sampler is the next epoch), a
+run resumed from a checkpoint goes on at the sample where it stopped (the checkpoint holds the
+stream position), and a different seed gives a different stream.
 
 The validation set is simulated once, in :meth:`SimulatedQSMDataModule.setup`, from ``val_seed``
 (not from ``seed``), so every run — whatever its training seed — is validated on the same
@@ -126,7 +127,14 @@ class SimulatedDataset(Dataset):
         return out
 
     def __getitem__(self, index: Index) -> dict[str, torch.Tensor]:
-        seed = self.sample_seed(index)
+        sample = self._make_threaded(self.sample_seed(index))
+        # which item of the stream this is: batches carry it as ``sample_index`` (B, 2), so a
+        # run's data can be audited (:class:`~qsmnet.training.callbacks.BatchLog`)
+        epoch, i = index if isinstance(index, tuple) else (0, index)
+        sample["sample_index"] = torch.tensor([int(epoch), int(i)], dtype=torch.int64)
+        return sample
+
+    def _make_threaded(self, seed: int) -> dict[str, torch.Tensor]:
         if self.sim_threads is None or self.device.type != "cpu":
             return self._make(seed)
         previous = torch.get_num_threads()
@@ -138,26 +146,41 @@ class SimulatedDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields ``(epoch, i)`` for ``i`` in ``range(length)``; the epoch advances on each pass.
+    """Yields ``(epoch, i)`` for ``i`` in ``range(length)``; each pass is the next epoch.
 
-    Lightning calls :meth:`set_epoch` before every training epoch (and after resuming); used in a
-    plain loop, each new iteration is the next epoch.
+    The sampler counts its own passes and has no ``set_epoch``, on purpose: Lightning numbers
+    epochs its own way after a run stopped part-way (``max_steps``) is resumed, while the data
+    must go on where it stopped. :meth:`seek` makes the next pass start at a given epoch and
+    sample (where a checkpoint says the stream stopped), so that a resumed run sees exactly the
+    samples of the uninterrupted one.
+
+    Attributes
+    ----------
+    epoch : int
+        The epoch of the next pass.
+    current : int or None
+        The epoch of the pass in progress (the latest started), None before the first.
     """
 
     def __init__(self, length: int, epoch: int = 0) -> None:
         self.length = int(length)
         self.epoch = int(epoch)
+        self.current: int | None = None
+        self._start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def seek(self, epoch: int, start: int = 0) -> None:
+        """The next pass is epoch ``epoch`` from its sample ``start`` (later passes: whole)."""
+        if not 0 <= int(start) <= self.length:
+            raise ValueError(f"stream position {start} outside an epoch of {self.length} samples")
+        self.epoch, self._start = int(epoch), int(start)
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        self.epoch += 1
-        return iter([(epoch, i) for i in range(self.length)])
+        epoch, start = self.epoch, self._start
+        self.current, self.epoch, self._start = epoch, epoch + 1, 0
+        return iter([(epoch, i) for i in range(start, self.length)])
 
 
 class SampleListDataset(Dataset):
@@ -334,12 +357,50 @@ class SimulatedQSMDataModule(L.LightningDataModule):
                           num_workers=0)
 
     # -- checkpointing -------------------------------------------------------------------
+    def stream_position(self) -> tuple[int, int]:
+        """``(epoch, batches done in it)`` of the training stream: where a run resumed from a
+        checkpoint written now must go on.
+
+        The batches done are read from the trainer's progress counters (steps trained), not
+        from the sampler, which workers and prefetching run ahead of the step being trained. A
+        checkpoint written after an epoch's last batch points at the start of the next epoch.
+        Without a trainer (a plain loop): the start of the sampler's next pass.
+        """
+        trainer = self.trainer
+        sampler = self.train_sampler
+        if trainer is None or sampler.current is None:
+            return sampler.epoch, 0
+        # Lightning's epochs and the sampler's passes have the same length, so the batches done
+        # in Lightning's epoch are the batches done in the pass in progress (also after a
+        # resume, which restores the count and continues the pass).
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        per_epoch = trainer.num_training_batches
+        if per_epoch != float("inf") and done >= per_epoch:
+            return sampler.current + 1, 0
+        return sampler.current, done
+
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the seeds and the next epoch of the training stream."""
-        return {"seed": self.seed, "val_seed": self.val_seed, "epoch": self.train_sampler.epoch}
+        """Saved in checkpoints: the seeds and the position in the training stream (epoch,
+        batches done in it, and the batch size and process count they are counted in)."""
+        epoch, batch = self.stream_position()
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return {"seed": self.seed, "val_seed": self.val_seed, "epoch": epoch, "batch": batch,
+                "batch_size": self.batch_size, "world_size": int(world)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if int(state_dict.get("seed", self.seed)) != self.seed:
             log.warning("resuming with seed %d; the checkpoint was trained with seed %s",
                         self.seed, state_dict.get("seed"))
-        self.train_sampler.set_epoch(int(state_dict.get("epoch", 0)))
+        epoch, batch = int(state_dict.get("epoch", 0)), int(state_dict.get("batch", 0))
+        saved = (int(state_dict.get("batch_size", self.batch_size)),
+                 int(state_dict.get("world_size", 1)))
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if batch and saved != (self.batch_size, world):
+            log.warning("resuming mid-epoch with batch size %d on %d process(es); the checkpoint "
+                        "was written with %d on %d: epoch %d restarts from its first batch",
+                        self.batch_size, world, *saved, epoch)
+            batch = 0
+        # Every process's sampler lists the whole epoch and the distributed wrapper shards it,
+        # so the samples done are counted over all processes.
+        self.train_sampler.seek(epoch, min(batch * self.batch_size * world,
+                                                len(self.train_set)))

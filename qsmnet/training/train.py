@@ -25,6 +25,8 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from qsmnet.io.errors import QSMInputError
+
 log = logging.getLogger(__name__)
 
 
@@ -85,21 +87,22 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 
 def check_resume_config(ckpt_path: str, module: Any) -> None:
-    """Fail early, with the differing keys, when resuming a checkpoint of another architecture."""
+    """Fail early, with one line naming the file, when ``ckpt_path`` is not a qsmnet training
+    checkpoint (:func:`~qsmnet.inference.model_store.read_checkpoint`), and with the differing
+    keys when it holds another architecture (:class:`~qsmnet.io.errors.QSMInputError`)."""
+    from qsmnet.inference.model_store import read_checkpoint
+    from qsmnet.models.qsm_net import CHECKPOINT_CONFIG_KEY
+
+    saved = read_checkpoint(ckpt_path)[CHECKPOINT_CONFIG_KEY]
     net = getattr(module, "net", None)
     if not hasattr(net, "get_config"):
         return
-    import torch
-
-    from qsmnet.models.qsm_net import CHECKPOINT_CONFIG_KEY
-
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get(CHECKPOINT_CONFIG_KEY)
     current = net.get_config()
     if saved is None or saved == current:
         return
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     details = "; ".join(f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}" for k in diff)
-    raise ValueError(f"cannot resume {ckpt_path}: it was trained with a different model ({details}). "
+    raise QSMInputError(f"cannot resume {ckpt_path}: it was trained with a different model ({details}). "
                      f"Resume with the run's own overrides (see .hydra/overrides.yaml in its folder).")
 
 
@@ -112,13 +115,13 @@ def init_weights(module: Any, spec: str) -> None:
     source, _ = load_network(spec)
     net = getattr(module, "net", None)
     if not hasattr(net, "get_config"):
-        raise ValueError(f"init_from={spec!r}: the configured network is not a QSMNet")
+        raise QSMInputError(f"init_from={spec!r}: the configured network is not a QSMNet")
     saved, current = source.get_config(), net.get_config()
     if saved != current:
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         details = "; ".join(f"model.{k}: {spec} {saved.get(k)!r}, config {current.get(k)!r}"
                             for k in diff)
-        raise ValueError(f"init_from={spec!r} has a different architecture ({details})")
+        raise QSMInputError(f"init_from={spec!r} has a different architecture ({details})")
     net.load_state_dict(source.state_dict())
     log.info("initialised the network from %s", spec)
 
