@@ -20,7 +20,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/train.py paths.output_dir=$(DEMO_DIR)/train
 	$(VENV)/bin/qsmnet simulate --out $(DEMO_DIR)/bids --subject demo --seed 7
-	$(VENV)/bin/qsmnet predict --bids $(DEMO_DIR)/bids --method $(DEMO_DIR)/train/checkpoints/last.ckpt
+	$(VENV)/bin/qsmnet predict --bids $(DEMO_DIR)/bids --method $(DEMO_DIR)/train/checkpoints/last.ckpt --overwrite
 	@echo "chi map: $(DEMO_DIR)/bids/derivatives/qsmnet/sub-demo/anat/"
 
 test: $(STAMP)

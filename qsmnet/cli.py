@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
 import textwrap
@@ -24,7 +25,8 @@ from pathlib import Path
 from qsmnet import __version__
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.qsmci import QSMCI_INPUTS, QSMCI_STAGES
-from qsmnet.io.validate import check_b0_dir, check_b0_t, check_te_s
+from qsmnet.io.phase import PHASE_UNITS
+from qsmnet.io.validate import MIN_EXTENT_VOXELS, check_b0_dir, check_b0_t, check_te_s
 from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM
 from qsmnet.transforms.reliability import DEFAULT_MAX_PHASE_STEP_RAD
 
@@ -113,6 +115,35 @@ def _add_phase_sign(p: argparse.ArgumentParser) -> None:
                         "the opposite vendor convention")
 
 
+def _add_output_checks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's outputs in the output folder (default: stop "
+                        "before computing when they exist)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="start even when the estimated peak memory exceeds the memory "
+                        "available (default: stop before computing, with both figures)")
+
+
+def _add_input_checks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--phase-units", choices=PHASE_UNITS, default="auto",
+                   help="units of the phase images: auto recognises radians, degrees and "
+                        "integer raw phase by the range the values fill (and says what it "
+                        "assumed), rad/deg/int force one (default: %(default)s)")
+    p.add_argument("--mask-threshold", type=float, default=None, metavar="T",
+                   help="binarise the mask: inside where value > T (default: the mask must "
+                        "hold integers, 0 outside, nonzero inside; a fractional mask such as "
+                        "a probability map is refused)")
+    p.add_argument("--no-decay-check", action="store_true",
+                   help="accept multi-echo magnitude that grows from the first to the last echo "
+                        "(refused by default: T2* decay makes it fall; echoes in reverse order)")
+
+
+def _check_input_flags(args: argparse.Namespace) -> None:
+    threshold = getattr(args, "mask_threshold", None)
+    if threshold is not None and not math.isfinite(threshold):
+        raise QSMInputError(f"--mask-threshold: {threshold} is not a finite number")
+
+
 def _add_simulate(sub) -> None:
     p = sub.add_parser(
         "simulate", help="write a simulated multi-echo GRE subject (BIDS) with its ground truth",
@@ -180,6 +211,8 @@ def _add_predict(sub) -> None:
                         "ROOT/derivatives/qsmnet)")
     _add_method_device(p)
     _add_phase_sign(p)
+    _add_input_checks(p)
+    _add_output_checks(p)
     p.add_argument("--no-preview", action="store_true", help="do not write PNG previews")
     p.set_defaults(handler=_run_predict)
 
@@ -204,6 +237,8 @@ def _add_run_stage(sub) -> None:
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="output folder")
     _add_method_device(p)
     _add_phase_sign(p)
+    _add_input_checks(p)
+    _add_output_checks(p)
     p.set_defaults(handler=_run_stage)
 
 
@@ -342,6 +377,7 @@ def _validate_predict(args: argparse.Namespace) -> None:
     if args.out is not None:
         _check_out_dir(args.out, "--out")
     _check_method(args.method)
+    _check_input_flags(args)
 
 
 def _validate_run_stage(args: argparse.Namespace) -> None:
@@ -351,6 +387,7 @@ def _validate_run_stage(args: argparse.Namespace) -> None:
             _require_file(args.in_dir / filename, f"the {args.stage} stage needs it")
     _check_out_dir(args.out_dir, "OUT_DIR")
     _check_method(args.method)
+    _check_input_flags(args)
 
 
 def _validate_evaluate(args: argparse.Namespace) -> None:
@@ -367,8 +404,10 @@ def _validate_simulate(args: argparse.Namespace) -> None:
     _check_out_dir(args.out, "--out")
     if not args.subject.removeprefix("sub-").isalnum():
         raise QSMInputError(f"--subject: {args.subject!r} is not a BIDS label (letters and digits)")
-    if args.shape is not None and min(args.shape) < 2:
-        raise QSMInputError(f"--shape: {args.shape} must have at least 2 voxels per axis")
+    if args.shape is not None and min(args.shape) < MIN_EXTENT_VOXELS:
+        # the readers' minimum: a subject predict would refuse is not worth simulating
+        raise QSMInputError(f"--shape: {args.shape} must have at least {MIN_EXTENT_VOXELS} "
+                            "voxels per axis")
     if args.voxel_size is not None and not min(args.voxel_size) > 0:
         raise QSMInputError(f"--voxel-size: {args.voxel_size} must be positive (mm)")
     if args.b0_dir is not None:

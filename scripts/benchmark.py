@@ -618,18 +618,26 @@ def render() -> Path:
                   "",
                   f"Machine: {spd.get('machine')}. Each row is a fresh process; peak memory is "
                   "the process's resident-set high-water mark (VmHWM).", ""]
+        from qsmnet.inference.resources import estimate_peak_bytes
+
         rows = []
         for key, r in spd["runs"].items():
             dev, shape, meth = key.split("/")
+            # the figure `predict` checks against the free memory before it starts (4 echoes)
+            estimate = estimate_peak_bytes([int(v) for v in shape.split("x")], 4) / 2**20
             rows.append([dev, shape, meth, r.get("mask_voxels", ""), r.get("support_voxels", ""),
                          f"{r.get('seconds_field_support', 0):.1f}",
                          f"{r.get('seconds_field_mapping', 0):.1f}",
                          f"{r.get('seconds_background_removal', 0):.1f}",
                          f"{r.get('seconds_dipole_inversion', 0):.1f}",
-                         f"{r['seconds_total']:.1f}", f"{r['peak_rss_mb']:.0f}"])
+                         f"{r['seconds_total']:.1f}", f"{r['peak_rss_mb']:.0f}",
+                         f"{estimate:.0f}"])
         lines += [_table(rows, ["device", "volume", "inversion", "mask voxels",
                                 "with rim", "rim s", "field map s", "PDF s", "inversion s", "total s",
-                                "peak MB"]), ""]
+                                "peak MB", "estimated MB"]), "",
+                  "The estimate (`qsmnet.inference.resources.estimate_peak_bytes`) is what "
+                  "`predict` and `run-stage` compare with the memory available before they "
+                  "start; it must stay above the measured peak.", ""]
         growth = _growth(spd["runs"])
         if growth:
             lines += ["How cost grows with volume size (least-squares slope of log cost against "

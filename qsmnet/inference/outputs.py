@@ -1,8 +1,10 @@
 """Write a reconstruction: NIfTI maps on the input's grid and affine, a PNG preview and a JSON
 record of inputs, method, parameters and timings.
 
-Everything is computed before anything is written, each file is written atomically, and the
-chimap goes last: an interrupted or failed write never leaves a chimap without its companions.
+Everything is computed before anything is written, and the files are written as one set
+(:class:`~qsmnet.io.output_set.OutputSet`): staged beside the targets and moved in together, the
+chimap and then its JSON record last. A failed or killed write leaves the folder as it was, and
+a set that replaces an earlier one removes that set's companions it does not write again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from qsmnet.inference.pipeline import Reconstruction
 from qsmnet.inference.preview import save_preview
 from qsmnet.io.atomic import atomic_write_json
 from qsmnet.io.nifti import save_nifti
+from qsmnet.io.output_set import OutputSet
 
 
 def output_paths(chimap: Path, names: Mapping[str, str] | None = None) -> dict[str, Path]:
@@ -49,29 +52,45 @@ def write_reconstruction(rec: Reconstruction, chimap_path: str | Path, affine: n
                          header: Any, voxel_size_mm, inputs: Mapping[str, Any],
                          preview: bool = True, names: Mapping[str, str] | None = None,
                          timings_extra: Mapping[str, float] | None = None) -> dict[str, Path]:
-    """Write ``rec`` beside ``chimap_path``; returns the written paths by key."""
+    """Write ``rec`` beside ``chimap_path`` as one set; returns the written paths by key.
+
+    Hold a :class:`~qsmnet.io.output_set.FolderLock` on the folder meanwhile (``predict`` does).
+    """
     paths = output_paths(Path(chimap_path), names)
+    with OutputSet(paths["chimap"].parent, replaces=[p.name for p in paths.values()]) as out:
+        written = _write_staged(out, rec, paths, affine, header, voxel_size_mm, inputs, preview,
+                                timings_extra)
+        # the record last: a reader that finds it finds the maps it names
+        out.commit(order=[paths["chimap"].name, paths["record"].name])
+    return written
+
+
+def _write_staged(out: OutputSet, rec: Reconstruction, paths: dict[str, Path],
+                  affine: np.ndarray, header: Any, voxel_size_mm, inputs: Mapping[str, Any],
+                  preview: bool, timings_extra: Mapping[str, float] | None) -> dict[str, Path]:
     written: dict[str, Path] = {}
+
+    def nifti(key: str, volume, dtype=np.float32) -> None:
+        save_nifti(out.path(paths[key]), volume, affine, header, dtype=dtype)
+        written[key] = paths[key]
+
     mask = rec.chi_mask.numpy().astype(np.uint8)
     maps = {"localfield": rec.local_field_ppm, "totalfield": rec.total_field_ppm}
     for key, vol in maps.items():
         if vol is not None:
-            written[key] = save_nifti(paths[key], vol.numpy(), affine, header)
-    written["mask"] = save_nifti(paths["mask"], mask, affine, header, dtype=np.uint8)
+            nifti(key, vol.numpy())
+    nifti("mask", mask, np.uint8)
     if rec.unreliable_mask is not None:
         # the voxels kept out of background removal and filled in (phase input)
-        written["unreliable"] = save_nifti(paths["unreliable"],
-                                           rec.unreliable_mask.numpy().astype(np.uint8), affine,
-                                           header, dtype=np.uint8)
+        nifti("unreliable", rec.unreliable_mask.numpy().astype(np.uint8), np.uint8)
     if rec.params.get("start") == "phase" and rec.support_mask is not None:
         # where the field was mapped and background removal ran: the mask and its rim
-        written["fieldsupport"] = save_nifti(paths["fieldsupport"],
-                                             rec.support_mask.numpy().astype(np.uint8), affine,
-                                             header, dtype=np.uint8)
+        nifti("fieldsupport", rec.support_mask.numpy().astype(np.uint8), np.uint8)
     chi = rec.chi_ppm.numpy()
     if preview:
-        save_preview(paths["preview"], chi, mask, tuple(float(v) for v in voxel_size_mm),
-                     title=f"{Path(chimap_path).name} ({rec.params.get('method', '')})")
+        save_preview(out.path(paths["preview"]), chi, mask,
+                     tuple(float(v) for v in voxel_size_mm),
+                     title=f"{paths['chimap'].name} ({rec.params.get('method', '')})")
         written["preview"] = paths["preview"]
     timings = dict(rec.timings_s)
     timings.update(timings_extra or {})
@@ -85,8 +104,10 @@ def write_reconstruction(rec: Reconstruction, chimap_path: str | Path, affine: n
         "timings_s": timings,
         "units": {"chimap": "ppm", "totalfield": "ppm", "localfield": "ppm"},
         "reference": "chi referenced to its mean inside the mask",
-        "outputs": {k: p.name for k, p in paths.items() if k in written or k == "chimap"},
+        "outputs": {k: p.name for k, p in paths.items() if k in written or k in ("chimap",
+                                                                                  "record")},
     }
-    written["record"] = atomic_write_json(paths["record"], record)
-    written["chimap"] = save_nifti(paths["chimap"], chi, affine, header)
+    atomic_write_json(out.path(paths["record"]), record)
+    written["record"] = paths["record"]
+    nifti("chimap", chi)
     return written

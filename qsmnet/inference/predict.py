@@ -1,11 +1,14 @@
 """``qsmnet predict``: BIDS subjects or explicit NIfTI files -> chi maps (ppm) on the input grid.
 
 All inputs are read and validated first (a bad file stops the run before anything is written),
-the method is loaded once, then each acquisition is reconstructed and written with a progress bar.
+then the output folders (writable, not in use by another run, no earlier outputs unless
+``--overwrite``) and the memory needed; the method is loaded once, then each acquisition is
+reconstructed and its outputs written as one set, with a progress bar.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -14,8 +17,9 @@ from typing import Any
 import torch
 
 from qsmnet.inference.dipole import make_inverter
-from qsmnet.inference.outputs import write_reconstruction
+from qsmnet.inference.outputs import output_paths, write_reconstruction
 from qsmnet.inference.pipeline import reconstruct
+from qsmnet.inference.resources import check_memory
 from qsmnet.io import (
     Acquisition,
     QSMInputError,
@@ -24,8 +28,10 @@ from qsmnet.io import (
     read_bids_subject,
     read_nifti_echoes,
     read_params_json,
+    reader_options,
 )
 from qsmnet.io.bids import write_derivative_description
+from qsmnet.io.output_set import check_writable, existing_outputs, locked_folders
 
 log = logging.getLogger("qsmnet")
 
@@ -56,7 +62,7 @@ def _jobs_from_args(args) -> list[tuple[Acquisition, Path]]:
             raise QSMInputError(f"{args.bids}: no sub-* folders with MEGRE phase images")
         for sub in subjects:
             for acq in read_bids_subject(args.bids, sub, mask_path=args.mask,
-                                         phase_sign=args.phase_sign):
+                                         phase_sign=args.phase_sign, **reader_options(args)):
                 jobs.append((acq, bids_derivative_path(args.bids, acq, "Chimap", args.out)))
     else:
         te, b0, b0_dir, vs = args.te, args.b0, args.b0_dir, None
@@ -67,40 +73,86 @@ def _jobs_from_args(args) -> list[tuple[Acquisition, Path]]:
             vs = p.voxel_size_mm
         acq = read_nifti_echoes(args.phase, args.magnitude, te_s=te, b0_t=b0, b0_dir=b0_dir,
                                 mask_path=args.mask, phase_sign=args.phase_sign,
-                                voxel_size_mm=vs)
+                                voxel_size_mm=vs, **reader_options(args))
         jobs.append((acq, Path(args.out) / "chimap.nii.gz"))
     return jobs
 
 
+def _refuse_overwrite(jobs: list[tuple[Acquisition, Path]], overwrite: bool, command: str
+                      ) -> None:
+    """Stop before computing when an acquisition's outputs exist, unless ``overwrite``."""
+    if overwrite:
+        return
+    for _, chimap in jobs:
+        found = existing_outputs(output_paths(chimap).values())
+        if found:
+            raise QSMInputError(f"{found[0]}: exists{_made_by(output_paths(chimap)['record'])}; "
+                                f"{command} replaces an output set only with --overwrite (or "
+                                "write to another folder with --out)")
+
+
+def _made_by(record: Path) -> str:
+    """`` (made by --method X on DATE)`` from a JSON record, or nothing when unreadable."""
+    try:
+        meta = json.loads(record.read_text(encoding="utf-8"))
+        return f" (made by --method {meta['method']} on {meta['created']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def _derivatives_root(args) -> Path | None:
+    if args.bids is None:
+        return None
+    return Path(args.out) if args.out else Path(args.bids) / "derivatives" / "qsmnet"
+
+
 def run_predict(args) -> int:
-    """Handler of ``qsmnet predict`` (arguments validated by :mod:`qsmnet.cli`)."""
+    """Handler of ``qsmnet predict`` (arguments validated by :mod:`qsmnet.cli`).
+
+    Inputs are read and checked, then every output folder is checked for writing, locked
+    against other runs and checked for earlier outputs (replaced only with ``--overwrite``),
+    and the memory the reconstruction needs is estimated, all before the method is loaded.
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     device = resolve_device(args.device)
     jobs = _jobs_from_args(args)
+    deriv = _derivatives_root(args)
+    folders = sorted({chimap.parent for _, chimap in jobs})
+    for folder in folders + ([deriv] if deriv is not None else []):
+        check_writable(folder, "--out" if args.out is not None else "derivatives of --bids")
+    with locked_folders(folders):
+        _refuse_overwrite(jobs, args.overwrite, "predict")
+        if not args.skip_memory_check:
+            for acq, _ in jobs:
+                check_memory(acq.shape, acq.n_echoes, str(args.method), device,
+                             source=acq.name)
+        _predict_jobs(args, jobs, device, deriv, Progress(
+            TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), transient=False))
+    return 0
+
+
+def _predict_jobs(args, jobs: list[tuple[Acquisition, Path]], device: torch.device,
+                  deriv: Path | None, progress) -> None:
     t0 = time.perf_counter()
     inverter = make_inverter(args.method, device,
                              refine_iterations=args.dc_iterations,
                              after_bfr=True)
     load_s = time.perf_counter() - t0
-    bfr = args.bfr
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())
-    with Progress(*columns, transient=False) as progress:
+    with progress:
         task = progress.add_task("qsmnet predict", total=len(jobs))
         for acq, chimap in jobs:
             progress.update(task, description=f"{acq.name}")
             sample = acq.to_sample(device="cpu")
             rec = reconstruct(sample, method=str(args.method), inverter=inverter, start="phase",
-                              bfr=bfr, device=device, max_phase_step_rad=args.max_phase_step,
+                              bfr=args.bfr, device=device, max_phase_step_rad=args.max_phase_step,
                               field_margin_mm=args.field_margin)
             written = write_reconstruction(
                 rec, chimap, acq.affine, acq.header, acq.voxel_size_mm, _inputs_record(acq),
                 preview=not args.no_preview, timings_extra={"model_load": load_s})
-            if args.bids is not None:
-                deriv = Path(args.out) if args.out else Path(args.bids) / "derivatives" / "qsmnet"
+            if deriv is not None:
                 write_derivative_description(deriv, [str(args.bids)])
             log.info("%s: wrote %s", acq.name, written["chimap"])
             progress.console.print(f"{acq.name}: {written['chimap']}")
             progress.advance(task)
-    return 0

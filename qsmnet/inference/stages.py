@@ -25,9 +25,12 @@ import torch
 from qsmnet.inference.dipole import make_inverter
 from qsmnet.inference.pipeline import reconstruct
 from qsmnet.inference.predict import resolve_device
-from qsmnet.io import read_qsmci_inputs
+from qsmnet.inference.resources import check_memory
+from qsmnet.io import QSMInputError, read_qsmci_inputs, reader_options
 from qsmnet.io.atomic import atomic_write_json
 from qsmnet.io.nifti import save_nifti
+from qsmnet.io.output_set import FolderLock, OutputSet, check_writable, existing_outputs
+from qsmnet.io.qsmci import QSMCI_OUTPUT
 from qsmnet.transforms.field_mapping import FieldMapping
 from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM
 from qsmnet.transforms.reliability import DEFAULT_MAX_PHASE_STEP_RAD
@@ -38,8 +41,15 @@ log = logging.getLogger("qsmnet")
 def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
               phase_sign: int = 1, bfr: str = "pdf", dc_iterations: int | None = None,
               max_phase_step_rad: float | None = DEFAULT_MAX_PHASE_STEP_RAD,
-              field_margin_mm: float | None = DEFAULT_FIELD_MARGIN_MM) -> Path:
+              field_margin_mm: float | None = DEFAULT_FIELD_MARGIN_MM,
+              input_options: dict | None = None, overwrite: bool = False,
+              memory_check: bool = True) -> Path:
     """Run one QSM-CI stage; returns the path of the written output.
+
+    The output folder is checked for writing, locked against other runs and checked for an
+    earlier output of this stage (replaced only with ``overwrite``) before anything is
+    computed, and so is the memory the stage needs (unless ``memory_check`` is off). The
+    output and its companions are written as one set (:class:`~qsmnet.io.output_set.OutputSet`).
 
     ``dc_iterations``: test-time data-consistency iterations after the inversion (None: what
     the model recommends for this input, 0 for the classical methods; 0: off).
@@ -49,11 +59,63 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
     mapping, background removal and the inversion also use (0 or None: the mask alone); the
     region is written beside the output as ``fieldsupport_mask.nii.gz``. The field-mapping stage
     writes the total field on the mask alone, as the contract has it.
+    ``input_options``: keyword arguments for :func:`~qsmnet.io.qsmci.read_qsmci_inputs` (the CLI
+    passes :func:`~qsmnet.io.options.reader_options`).
     """
-    inputs = read_qsmci_inputs(in_dir, stage, phase_sign=phase_sign)
+    inputs = read_qsmci_inputs(in_dir, stage, phase_sign=phase_sign, **(input_options or {}))
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    out_dir = Path(out_dir)
+    check_writable(out_dir, "OUT_DIR")
+    names = stage_outputs(stage)
+    with FolderLock(out_dir):
+        found = existing_outputs(out_dir / n for n in names)
+        if found and not overwrite:
+            raise QSMInputError(f"{found[0]}: exists; run-stage replaces an earlier {stage} "
+                                "output only with --overwrite (or write to another OUT_DIR)")
+        if memory_check:
+            n_echoes = 1 if inputs.phase is None else inputs.phase.shape[0]
+            check_memory(inputs.mask.shape, n_echoes, str(method), device, source=inputs.name)
+        out, params, rec, seconds = _compute_stage(stage, inputs, method, device, bfr,
+                                                  dc_iterations, max_phase_step_rad,
+                                                  field_margin_mm)
+        with OutputSet(out_dir, replaces=names) as staged:
+            if stage == "end-to-end" and rec.unreliable_mask is not None:
+                # beside the canonical output: the voxels kept out of background removal and
+                # filled in
+                save_nifti(staged.path("unreliable_mask.nii.gz"),
+                           rec.unreliable_mask.numpy().astype(np.uint8), inputs.affine,
+                           inputs.header, dtype=np.uint8)
+            if stage == "end-to-end" and rec.support_mask is not None:
+                save_nifti(staged.path("fieldsupport_mask.nii.gz"),
+                           rec.support_mask.numpy().astype(np.uint8), inputs.affine,
+                           inputs.header, dtype=np.uint8)
+            atomic_write_json(staged.path(names[1]),
+                              {"stage": stage, "input": str(in_dir), "parameters": params,
+                               "seconds": seconds, "units": "ppm"})
+            save_nifti(staged.path(inputs.output_name), np.asarray(out.numpy(), np.float32),
+                       inputs.affine, inputs.header)
+            staged.commit(order=[inputs.output_name, names[1]])
+    path = out_dir / inputs.output_name
+    log.info("%s: wrote %s in %.1f s", stage, path, seconds)
+    return path
+
+
+def stage_outputs(stage: str) -> tuple[str, ...]:
+    """File names a stage writes into its output folder: the canonical output, its JSON record,
+    and (end-to-end) the unreliable-phase and field-support masks."""
+    output = QSMCI_OUTPUT[stage]
+    names = (output, f"{output.split('.')[0]}.json")
+    if stage == "end-to-end":
+        names += ("unreliable_mask.nii.gz", "fieldsupport_mask.nii.gz")
+    return names
+
+
+def _compute_stage(stage, inputs, method, device, bfr, dc_iterations, max_phase_step_rad,
+                   field_margin_mm):
+    """(output volume, parameters, reconstruction or None, seconds) of one stage."""
     sample = inputs.to_sample(device="cpu")
     t0 = time.perf_counter()
+    rec = None
     if stage == "field-mapping":
         mag = sample.get("magnitude")
         field, _, _ = FieldMapping()(sample["phase"].to(device),
@@ -70,27 +132,8 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
                           device=device, max_phase_step_rad=max_phase_step_rad,
                           field_margin_mm=field_margin_mm)
         out = rec.local_field_ppm if stage == "bfr" else rec.chi_ppm
-        params = rec.params
-        if stage == "bfr":
-            params = {"bfr": bfr}
-    seconds = time.perf_counter() - t0
-    out_dir = Path(out_dir)
-    if stage == "end-to-end" and rec.unreliable_mask is not None:
-        # beside the canonical output: the voxels kept out of background removal and filled in
-        save_nifti(out_dir / "unreliable_mask.nii.gz",
-                   rec.unreliable_mask.numpy().astype(np.uint8), inputs.affine, inputs.header,
-                   dtype=np.uint8)
-    if stage == "end-to-end" and rec.support_mask is not None:
-        save_nifti(out_dir / "fieldsupport_mask.nii.gz",
-                   rec.support_mask.numpy().astype(np.uint8), inputs.affine, inputs.header,
-                   dtype=np.uint8)
-    atomic_write_json(out_dir / f"{inputs.output_name.split('.')[0]}.json",
-                      {"stage": stage, "input": str(in_dir), "parameters": params,
-                       "seconds": seconds, "units": "ppm"})
-    path = save_nifti(out_dir / inputs.output_name, np.asarray(out.numpy(), np.float32),
-                      inputs.affine, inputs.header)
-    log.info("%s: wrote %s in %.1f s", stage, path, seconds)
-    return path
+        params = {"bfr": bfr} if stage == "bfr" else rec.params
+    return out, params, rec, time.perf_counter() - t0
 
 
 def run_stage_cli(args) -> int:
@@ -99,6 +142,7 @@ def run_stage_cli(args) -> int:
                      device=args.device, phase_sign=args.phase_sign,
                      bfr=args.bfr, dc_iterations=args.dc_iterations,
                      max_phase_step_rad=args.max_phase_step,
-                     field_margin_mm=args.field_margin)
+                     field_margin_mm=args.field_margin, input_options=reader_options(args),
+                     overwrite=args.overwrite, memory_check=not args.skip_memory_check)
     print(path)
     return 0

@@ -19,12 +19,16 @@ from qsmnet.io.bids import (
 from qsmnet.io.echoes import load_echo_series, load_mask, read_nifti_echoes
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.nifti import load_nifti, save_nifti
+from qsmnet.io.options import reader_options
 from qsmnet.io.params import AcquisitionParams, read_params_json, write_params_json
-from qsmnet.io.phase import integer_phase_range, phase_to_radians
+from qsmnet.io.phase import PHASE_UNITS, integer_phase_range, phase_to_radians
 from qsmnet.io.qsmci import QSMCI_INPUTS, QSMCI_OUTPUT, QSMCI_STAGES, QSMCIInputs, read_qsmci_inputs
+from qsmnet.io.validate import MIN_EXTENT_VOXELS, TE_MAX_S
 
 __all__ = [
     "BIDS_MASK_FROM_DERIVATIVES",
+    "MIN_EXTENT_VOXELS",
+    "PHASE_UNITS",
     "QSMCI_INPUTS",
     "QSMCI_OUTPUT",
     "QSMCI_STAGES",
@@ -32,6 +36,7 @@ __all__ = [
     "AcquisitionParams",
     "QSMCIInputs",
     "QSMInputError",
+    "TE_MAX_S",
     "atomic_path",
     "atomic_write",
     "atomic_write_json",
@@ -48,6 +53,7 @@ __all__ = [
     "read_nifti_echoes",
     "read_params_json",
     "read_qsmci_inputs",
+    "reader_options",
     "save_nifti",
     "write_derivative_description",
     "write_params_json",

@@ -4,7 +4,10 @@ Every writer in qsmnet goes through :func:`atomic_write` (NIfTI maps, JSON recor
 ``params.json``): the content is written to a temporary file in the destination's own folder
 (so the final :func:`os.replace` is a rename on one file system, which POSIX makes atomic) and
 only then moved over the destination. If anything fails, the temporary file is removed and the
-destination is left as it was (absent, or its previous content).
+destination is left as it was (absent, or its previous content). A process killed mid-write
+cannot clean up: its temporary file carries its pid, and :func:`remove_stale_temp_files` (run
+by the next writer of the folder, :func:`qsmnet.io.output_set.recover`) deletes those whose
+process is gone.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +25,31 @@ from typing import Any
 # Read once: os.umask can only be read by setting it, which is not thread-safe to repeat.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+# ".<name>.<pid>.<8 random chars>.tmp[<suffix>]", as atomic_path names its temporary files
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that :func:`atomic_path` left in ``folder`` when its process
+    was killed (those whose pid no longer runs); return their names."""
+    removed = []
+    for entry in os.scandir(folder):
+        m = _TEMP_NAME.match(entry.name)
+        if m and entry.is_file(follow_symlinks=False) and not _alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+    return removed
 
 
 @contextlib.contextmanager
@@ -42,8 +71,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}",
-                                    dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.",
+                                    suffix=f".tmp{suffix}", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -23,9 +23,15 @@ from pathlib import Path
 
 from qsmnet.io.acquisition import Acquisition
 from qsmnet.io.atomic import atomic_write_json
-from qsmnet.io.echoes import load_echo_series, load_mask, resolve_b0_dir
+from qsmnet.io.echoes import load_echo_series, load_mask, resolve_b0_dir, series_name
 from qsmnet.io.errors import QSMInputError
-from qsmnet.io.validate import check_b0_t, check_same_grid, check_te_s, voxel_size_from_header
+from qsmnet.io.validate import (
+    check_b0_t,
+    check_magnitude_decay,
+    check_same_grid,
+    check_te_s,
+    voxel_size_from_header,
+)
 
 __all__ = [
     "BIDS_MASK_FROM_DERIVATIVES",
@@ -205,7 +211,8 @@ def _find_derivative_mask(root: Path, entities: dict[str, str], name: str) -> Pa
 
 
 def _read_group(root: Path, key: tuple, files: dict[str, dict[int, Path]],
-                mask_path, phase_sign: int) -> Acquisition:
+                mask_path, phase_sign: int, phase_units: str, mask_threshold: float | None,
+                decay_check: bool, min_extent: int, require_background: bool) -> Acquisition:
     entities = dict(key)
     name = "_".join(f"{k}-{v}" for k, v in key)
     echoes = sorted(files["phase"])
@@ -239,11 +246,12 @@ def _read_group(root: Path, key: tuple, files: dict[str, dict[int, Path]],
         if abs(value - b0) > 1e-6 * b0:
             raise QSMInputError(f"{sidecar}: MagneticFieldStrength {value:g} T differs from "
                                 f"{first_sidecar} ({b0:g} T)")
-    phase = load_echo_series(phase_paths, "phase")
+    phase = load_echo_series(phase_paths, "phase", phase_units, min_extent)
     first = phase_paths[0].name
     magnitude = None
+    mag_paths = [mags[e] for e in echoes] if mags else []
     if mags:
-        mag = load_echo_series([mags[e] for e in echoes], "magnitude")
+        mag = load_echo_series(mag_paths, "magnitude")
         check_same_grid(mag.data.shape[1:], mag.affine, phase.data.shape[1:], phase.affine,
                         mags[echoes[0]].name, f"phase ({first})")
         magnitude = mag.data
@@ -251,7 +259,10 @@ def _read_group(root: Path, key: tuple, files: dict[str, dict[int, Path]],
     if mask_path is not None:
         if os.fspath(mask_path) == BIDS_MASK_FROM_DERIVATIVES:
             mask_path = _find_derivative_mask(root, entities, name)
-        mask = load_mask(mask_path, phase.data.shape[1:], phase.affine, f"phase ({first})")
+        mask = load_mask(mask_path, phase.data.shape[1:], phase.affine, f"phase ({first})",
+                         mask_threshold, require_background)
+    if magnitude is not None and decay_check:
+        check_magnitude_decay(magnitude, te, series_name(mag_paths), mask)
     direction = resolve_b0_dir(b0_dir[0] if b0_dir else None, phase.affine,
                                f"{b0_dir[1]} B0_dir" if b0_dir else first)
     return Acquisition(
@@ -263,7 +274,10 @@ def _read_group(root: Path, key: tuple, files: dict[str, dict[int, Path]],
 
 def read_bids_subject(root: str | os.PathLike, subject: str,
                       mask_path: str | os.PathLike | None = None,
-                      phase_sign: int = 1) -> list[Acquisition]:
+                      phase_sign: int = 1, phase_units: str = "auto",
+                      mask_threshold: float | None = None, decay_check: bool = True,
+                      min_extent: int = 2, require_background: bool = False
+                      ) -> list[Acquisition]:
     """Read every multi-echo GRE acquisition of one subject.
 
     Parameters
@@ -278,6 +292,10 @@ def read_bids_subject(root: str | os.PathLike, subject: str,
         ``derivatives/*/sub-<id>/[ses-*/]anat/*_mask.nii[.gz]`` whose entities match.
     phase_sign : {1, -1}
         Vendor polarity (see :class:`~qsmnet.io.acquisition.Acquisition`).
+    phase_units, mask_threshold, decay_check, min_extent, require_background
+        As for :func:`~qsmnet.io.echoes.read_nifti_echoes` (``--phase-units``,
+        ``--mask-threshold``, ``--no-decay-check``; the CLI passes the minimum extent and
+        requires background in the mask).
 
     Returns
     -------
@@ -307,7 +325,9 @@ def read_bids_subject(root: str | os.PathLike, subject: str,
         files = groups[key]
         if not files["phase"]:
             continue  # magnitude-only series (no phase): nothing for QSM
-        acquisitions.append(_read_group(r, key, files, mask_path, phase_sign))
+        acquisitions.append(_read_group(r, key, files, mask_path, phase_sign, phase_units,
+                                        mask_threshold, decay_check, min_extent,
+                                        require_background))
     return acquisitions
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +19,10 @@ from qsmnet.io.phase import phase_to_radians
 from qsmnet.io.validate import (
     check_b0_dir,
     check_b0_t,
+    check_magnitude_decay,
     check_mask,
+    check_mask_has_background,
+    check_min_extent,
     check_same_grid,
     check_te_s,
     check_volume_echoes,
@@ -26,6 +31,13 @@ from qsmnet.io.validate import (
 from qsmnet.physics.geometry import b0_dir_from_affine
 
 __all__ = ["EchoSeries", "load_echo_series", "load_mask", "read_nifti_echoes"]
+
+log = logging.getLogger(__name__)
+
+#: Largest difference (mm) between a stated voxel size and the header's that passes unremarked.
+VOXEL_MISMATCH_MM = 1e-3
+#: Largest angle (degrees) between a stated B0 direction and the affine's that passes unremarked.
+B0_DIR_MISMATCH_DEG = 1.0
 
 PathLike = str | os.PathLike
 PathOrPaths = PathLike | Sequence[PathLike]
@@ -53,7 +65,7 @@ class EchoSeries:
     names : list of str
         File name of each echo (repeated for a 4-D file), for messages.
     messages : list of str
-        Lines logged while reading (integer phase rescaling).
+        Lines logged while reading (phase unit conversion).
     """
 
     data: np.ndarray
@@ -63,7 +75,14 @@ class EchoSeries:
     messages: list[str]
 
 
-def load_echo_series(paths: PathOrPaths, kind: str = "phase") -> EchoSeries:
+def series_name(paths: Sequence[PathLike]) -> str:
+    """How a series of echo files is named in messages: the first, and how many more."""
+    first = display_name(paths[0])
+    return first if len(paths) == 1 else f"{first} (and {len(paths) - 1} more echo files)"
+
+
+def load_echo_series(paths: PathOrPaths, kind: str = "phase", phase_units: str = "auto",
+                     min_extent: int = 2) -> EchoSeries:
     """Load echoes of one kind and check that they share a grid.
 
     Parameters
@@ -72,13 +91,20 @@ def load_echo_series(paths: PathOrPaths, kind: str = "phase") -> EchoSeries:
         One 3-D file (one echo), one 4-D file (echoes last), or several 3-D files (one per echo,
         in echo order).
     kind : {"phase", "magnitude"}
-        Phase is rescaled to radians when stored as integers (:func:`phase_to_radians`).
+        Phase is converted to radians when stored in degrees or as integers
+        (:func:`phase_to_radians`), the units being decided once on all echoes together.
+    phase_units : {"auto", "rad", "deg", "int"}
+        See :func:`phase_to_radians` (``--phase-units``).
+    min_extent : int
+        Fewest voxels along each spatial axis (the CLI passes
+        :data:`~qsmnet.io.validate.MIN_EXTENT_VOXELS`; 2 only refuses 2-D images).
 
     Raises
     ------
     QSMInputError
         Missing/unreadable files, 2-D or 5-D images, a 4-D file among several, echoes of
-        different shapes or affines, phase not in radians, negative magnitude.
+        different shapes or affines, a volume thinner than ``min_extent``, phase whose units
+        cannot be told, negative magnitude.
     """
     plist = as_path_list(paths)
     if not plist:
@@ -100,11 +126,7 @@ def load_echo_series(paths: PathOrPaths, kind: str = "phase") -> EchoSeries:
         else:
             check_same_grid(echoes.shape[1:], affine, shape0, affine0, name,
                             f"echo 1 ({display_name(plist[0])})")
-        if kind == "phase":
-            echoes, message = phase_to_radians(echoes, name)
-            if message:
-                messages.append(message)
-        else:
+        if kind != "phase":
             echoes = echoes.astype(np.float32, copy=False)
             peak = float(np.max(np.abs(echoes)))
             if float(echoes.min()) < -0.01 * peak:
@@ -113,25 +135,55 @@ def load_echo_series(paths: PathOrPaths, kind: str = "phase") -> EchoSeries:
         volumes.append(echoes)
         names.extend([name] * echoes.shape[0])
     stacked = volumes[0] if len(volumes) == 1 else np.concatenate(volumes, axis=0)
+    check_min_extent(stacked.shape[1:], series_name(plist), min_extent)
+    if kind == "phase":
+        stacked, message = phase_to_radians(stacked, series_name(plist), phase_units)
+        if message:
+            messages.append(message)
     return EchoSeries(np.ascontiguousarray(stacked, dtype=np.float32), affine0, header0, names,
                       messages)
 
 
+#: What to do about a mask without background, for the readers behind ``qsmnet predict``.
+NO_BACKGROUND_HINT = "omit --mask for an automatic one"
+
+
 def load_mask(path: PathLike, ref_shape: Sequence[int], ref_affine: np.ndarray,
-              ref_name: str) -> np.ndarray:
-    """Load a mask and check it lies on the reference grid and is not empty; (X, Y, Z) bool."""
+              ref_name: str, threshold: float | None = None, require_background: bool = False,
+              background_hint: str = NO_BACKGROUND_HINT) -> np.ndarray:
+    """Load a mask on the reference grid; (X, Y, Z) bool.
+
+    Refused: another grid, no voxel inside, fractional values without ``threshold`` (see
+    :func:`~qsmnet.io.validate.check_mask`), and, with ``require_background`` (where background
+    removal will run), a mask covering the whole grid; ``background_hint`` ends that message.
+    """
     name = display_name(path)
     data, affine, _ = load_nifti(path)
-    mask = check_mask(data, name)
-    check_same_grid(mask.shape, affine, ref_shape, ref_affine, name, ref_name)
+    check_same_grid(data.shape, affine, ref_shape, ref_affine, name, ref_name)
+    mask = check_mask(data, name, threshold)
+    if require_background:
+        check_mask_has_background(mask, name, background_hint)
     return mask
 
 
 def resolve_b0_dir(b0_dir, affine: np.ndarray, source: str) -> np.ndarray:
-    """The B0 direction: the explicit one when given (validated), else from the affine."""
-    if b0_dir is not None:
-        return check_b0_dir(b0_dir, source)
-    return b0_dir_from_affine(affine)
+    """The B0 direction: the explicit one when given (validated), else from the affine.
+
+    An explicit direction more than :data:`B0_DIR_MISMATCH_DEG` from the affine's scanner z is
+    used, but with a logged warning: a direction given in scanner rather than array axes is a
+    likely slip that nothing else would reveal.
+    """
+    if b0_dir is None:
+        return b0_dir_from_affine(affine)
+    stated = check_b0_dir(b0_dir, source)
+    from_affine = b0_dir_from_affine(affine)
+    # the dipole kernel depends on (k . b0)^2 only: b0 and -b0 are the same direction
+    angle = math.degrees(math.acos(min(1.0, abs(float(np.dot(stated, from_affine))))))
+    if angle > B0_DIR_MISMATCH_DEG:
+        log.warning("%s: B0 direction %s (array axes) is %.1f degrees from the affine's scanner "
+                    "z %s; using the stated one", source, np.round(stated, 4).tolist(), angle,
+                    np.round(from_affine, 4).tolist())
+    return stated
 
 
 def default_name(path: Path) -> str:
@@ -147,14 +199,16 @@ def read_nifti_echoes(phase_paths: PathOrPaths, magnitude_paths: PathOrPaths | N
                       te_s: float | Sequence[float] | None = None, b0_t: float | None = None,
                       b0_dir: Sequence[float] | None = None, mask_path: PathLike | None = None,
                       phase_sign: int = 1, name: str | None = None,
-                      voxel_size_mm: Sequence[float] | None = None) -> Acquisition:
+                      voxel_size_mm: Sequence[float] | None = None, phase_units: str = "auto",
+                      mask_threshold: float | None = None, decay_check: bool = True,
+                      min_extent: int = 2, require_background: bool = False) -> Acquisition:
     """Read a multi-echo GRE acquisition from plain NIfTI files.
 
     Parameters
     ----------
     phase_paths : path or sequence of paths
-        One 4-D NIfTI (echoes last) or one 3-D NIfTI per echo, in echo order. Radians, or integer
-        raw phase (rescaled, with a logged line).
+        One 4-D NIfTI (echoes last) or one 3-D NIfTI per echo, in echo order. Radians, degrees or
+        integer raw phase (converted, with a logged line; see ``phase_units``).
     magnitude_paths : path or sequence of paths, optional
         Same layout as the phase; same shape and affine.
     te_s : float or sequence of float
@@ -172,6 +226,20 @@ def read_nifti_echoes(phase_paths: PathOrPaths, magnitude_paths: PathOrPaths | N
         Acquisition name; default: the first phase file's name without extension.
     voxel_size_mm : (3,) sequence, optional
         Overrides the header zooms (e.g. from a params.json); mm.
+    phase_units : {"auto", "rad", "deg", "int"}
+        Units of the phase (:func:`~qsmnet.io.phase.phase_to_radians`; ``--phase-units``).
+    mask_threshold : float, optional
+        Binarise the mask at this value (inside: > T); without it a mask with fractional values
+        is refused (``--mask-threshold``).
+    decay_check : bool
+        Refuse magnitude that grows from the first to the last echo (echoes in reverse order;
+        :func:`~qsmnet.io.validate.check_magnitude_decay`); False is ``--no-decay-check``.
+    min_extent : int
+        Fewest voxels along each axis (the CLI passes
+        :data:`~qsmnet.io.validate.MIN_EXTENT_VOXELS`).
+    require_background : bool
+        Refuse a mask covering the whole grid (the CLI passes True: ``predict`` always removes
+        the background).
 
     Returns
     -------
@@ -191,7 +259,7 @@ def read_nifti_echoes(phase_paths: PathOrPaths, magnitude_paths: PathOrPaths | N
         raise QSMInputError(f"--phase-sign: must be 1 or -1, got {phase_sign!r}")
     te = check_te_s(te_s, "--te")
     b0 = check_b0_t(b0_t, "--b0")
-    phase = load_echo_series(plist, "phase")
+    phase = load_echo_series(plist, "phase", phase_units, min_extent)
     first = display_name(plist[0])
     if phase.data.shape[0] != len(te):
         raise QSMInputError(f"{first}: {phase.data.shape[0]} phase echo(es) but {len(te)} echo "
@@ -208,13 +276,25 @@ def read_nifti_echoes(phase_paths: PathOrPaths, magnitude_paths: PathOrPaths | N
         magnitude = mag.data
     mask = None
     if mask_path is not None:
-        mask = load_mask(mask_path, phase.data.shape[1:], phase.affine, f"phase ({first})")
+        mask = load_mask(mask_path, phase.data.shape[1:], phase.affine, f"phase ({first})",
+                         mask_threshold, require_background)
+    if magnitude is not None and decay_check:
+        check_magnitude_decay(magnitude, te, series_name(as_path_list(magnitude_paths)), mask)
     if voxel_size_mm is None:
         voxel = voxel_size_from_header(phase.header, first)
     else:
         voxel = np.asarray(voxel_size_mm, dtype=np.float64).reshape(-1)
         if voxel.shape != (3,) or not np.all(np.isfinite(voxel)) or np.any(voxel <= 0):
             raise QSMInputError(f"voxel size {list(voxel_size_mm)} must be 3 positive numbers (mm)")
+        try:
+            header_voxel = voxel_size_from_header(phase.header, first)
+        except QSMInputError:  # the header has none worth comparing with
+            header_voxel = voxel
+        if np.max(np.abs(voxel - header_voxel)) > VOXEL_MISMATCH_MM:
+            # as the QSM-CI reader does: the stated size wins, but not silently
+            log.warning("voxel size %s (params.json voxel_size) differs from the header of %s "
+                        "(%s); using the stated one", voxel.tolist(), first,
+                        header_voxel.tolist())
     return Acquisition(
         phase=phase.data, magnitude=magnitude, mask=mask, te_s=te, b0_t=b0,
         b0_dir=resolve_b0_dir(b0_dir, phase.affine, "--b0-dir"), voxel_size_mm=voxel,

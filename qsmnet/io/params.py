@@ -20,7 +20,7 @@ import numpy as np
 
 from qsmnet.io.atomic import atomic_write_json
 from qsmnet.io.errors import QSMInputError, display_name
-from qsmnet.io.validate import check_b0_dir, check_b0_t, check_te_s
+from qsmnet.io.validate import TE_UNUSED_MAX_S, check_b0_dir, check_b0_t, check_te_s
 
 __all__ = ["AcquisitionParams", "read_params_json", "write_params_json"]
 
@@ -88,7 +88,8 @@ def read_params_json(path: str | os.PathLike, require_te: bool = True,
             raise QSMInputError(f"{name}: no TE (echo times in seconds){hint_text}")
         te_s = None
     else:
-        te_s = check_te_s(te, f"{name} TE")
+        # A stage that does not use TE (qsm-ci's placeholder [1.0]) only needs it to be sane.
+        te_s = check_te_s(te, f"{name} TE", **({} if require_te else {"max_s": TE_UNUSED_MAX_S}))
     b0 = obj.get("B0")
     if b0 is None:
         if require_b0:

@@ -29,11 +29,17 @@ import numpy as np
 import torch
 
 from qsmnet.io.acquisition import Acquisition
-from qsmnet.io.echoes import load_echo_series, load_mask, resolve_b0_dir
+from qsmnet.io.echoes import VOXEL_MISMATCH_MM, load_echo_series, load_mask, resolve_b0_dir
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.nifti import load_nifti
 from qsmnet.io.params import read_params_json
-from qsmnet.io.validate import check_same_grid, check_volume_3d, voxel_size_from_header
+from qsmnet.io.validate import (
+    check_magnitude_decay,
+    check_min_extent,
+    check_same_grid,
+    check_volume_3d,
+    voxel_size_from_header,
+)
 
 __all__ = ["QSMCI_INPUTS", "QSMCI_OUTPUT", "QSMCI_STAGES", "QSMCIInputs", "read_qsmci_inputs"]
 
@@ -55,7 +61,8 @@ QSMCI_INPUTS = {
     "dipole": (("localfield.nii.gz", True), ("mask.nii.gz", True)),
     "end-to-end": (("phase.nii.gz", True), ("magnitude.nii.gz", False), ("mask.nii.gz", True)),
 }
-_VOXEL_MISMATCH_MM = 1e-3
+#: Stages that run background-field removal (and so need background outside the mask).
+_BFR_STAGES = ("bfr", "end-to-end")
 
 
 @dataclass(eq=False)
@@ -164,7 +171,10 @@ def _load_field(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
     return check_volume_3d(data, path.name).astype(np.float32, copy=False), affine, header
 
 
-def read_qsmci_inputs(in_dir: str | os.PathLike, stage: str, phase_sign: int = 1) -> QSMCIInputs:
+def read_qsmci_inputs(in_dir: str | os.PathLike, stage: str, phase_sign: int = 1,
+                      phase_units: str = "auto", mask_threshold: float | None = None,
+                      decay_check: bool = True, min_extent: int = 2,
+                      require_background: bool = False) -> QSMCIInputs:
     """Read and validate a QSM-CI stage input folder.
 
     Parameters
@@ -174,6 +184,12 @@ def read_qsmci_inputs(in_dir: str | os.PathLike, stage: str, phase_sign: int = 1
     stage : {"field-mapping", "bfr", "dipole", "end-to-end"}
     phase_sign : {1, -1}
         Vendor polarity of the phase (phase stages).
+    phase_units, mask_threshold, decay_check, min_extent
+        As for :func:`~qsmnet.io.echoes.read_nifti_echoes` (``--phase-units``,
+        ``--mask-threshold``, ``--no-decay-check``; the CLI passes the minimum extent).
+    require_background : bool
+        In the stages that remove the background (bfr, end-to-end), refuse a mask covering the
+        whole grid (the CLI passes True).
 
     Returns
     -------
@@ -198,7 +214,7 @@ def read_qsmci_inputs(in_dir: str | os.PathLike, stage: str, phase_sign: int = 1
     found: dict[str, Any] = {}
     if uses_phase:
         phase_path = _require(d, "phase.nii.gz", stage)
-        phase = load_echo_series(phase_path, "phase")
+        phase = load_echo_series(phase_path, "phase", phase_units, min_extent)
         if phase.data.shape[0] != len(params.te_s):
             raise QSMInputError(f"phase.nii.gz: {phase.data.shape[0]} echo(es) but params.json "
                                 f"TE has {len(params.te_s)} ({list(params.te_s)})")
@@ -220,12 +236,17 @@ def read_qsmci_inputs(in_dir: str | os.PathLike, stage: str, phase_sign: int = 1
         field_path = _require(d, filename, stage)
         found[key], affine, header = _load_field(field_path)
         shape, primary = found[key].shape, filename
-    mask = load_mask(_require(d, "mask.nii.gz", stage), shape, affine, primary)
+        check_min_extent(shape, filename, min_extent)
+    mask = load_mask(_require(d, "mask.nii.gz", stage), shape, affine, primary, mask_threshold,
+                     require_background and stage in _BFR_STAGES,
+                     "give a brain mask (0 outside the brain)")
+    if found.get("magnitude") is not None and decay_check:
+        check_magnitude_decay(found["magnitude"], params.te_s, "magnitude.nii.gz", mask)
     header_voxel = voxel_size_from_header(header, primary)
     voxel = header_voxel
     if params.voxel_size_mm is not None:
         voxel = params.voxel_size_mm
-        if np.max(np.abs(voxel - header_voxel)) > _VOXEL_MISMATCH_MM:
+        if np.max(np.abs(voxel - header_voxel)) > VOXEL_MISMATCH_MM:
             log.warning("params.json: voxel_size %s differs from the header of %s (%s); "
                         "using params.json", voxel.tolist(), primary, header_voxel.tolist())
     b0_dir = resolve_b0_dir(params.b0_dir, affine, "params.json B0_dir")

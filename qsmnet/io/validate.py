@@ -6,6 +6,7 @@ the same inputs with the same words.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -17,10 +18,16 @@ from qsmnet.physics.geometry import normalize_b0_dir
 __all__ = [
     "AFFINE_ATOL_MM",
     "B0_MAX_T",
+    "DECAY_TOLERANCE",
+    "MIN_EXTENT_VOXELS",
     "TE_MAX_S",
+    "TE_UNUSED_MAX_S",
     "check_b0_dir",
     "check_b0_t",
+    "check_magnitude_decay",
     "check_mask",
+    "check_mask_has_background",
+    "check_min_extent",
     "check_same_grid",
     "check_te_s",
     "check_volume_3d",
@@ -28,8 +35,32 @@ __all__ = [
     "voxel_size_from_header",
 ]
 
-#: Largest plausible echo time in seconds; a larger number is almost surely milliseconds.
-TE_MAX_S = 1.0
+log = logging.getLogger(__name__)
+
+#: Longest accepted echo time, s. Gradient-echo QSM samples the phase while there is signal:
+#: brain tissue T2* is about 20-70 ms at 3 T and below 100 ms at 1.5 T, so the last useful echo
+#: lies well under 0.1 s (multi-echo protocols end at 30-60 ms at 3 T); at 0.2 s tissue signal
+#: has decayed to exp(-200/70) < 6 %. A larger number is a unit slip (ms, or a 10x typo).
+TE_MAX_S = 0.2
+#: Bound on the ``TE`` of a params.json for stages that do not use it (bfr, dipole): qsm-ci
+#: writes the placeholder ``[1.0]`` there; above 1 it is still refused as milliseconds.
+TE_UNUSED_MAX_S = 1.0
+#: Fewest voxels accepted along each spatial axis of a volume to reconstruct. The dipole kernel
+#: is 3-D: its k-space cone needs several samples along every axis (with 2-4 the inversion is
+#: mostly the D(0) = 0 hole and the magic-angle cone), and background removal needs room
+#: along every axis too (V-SHARP's and RESHARP's spheres are 2-6 voxels in radius; PDF needs
+#: background voxels beyond the brain on every side). A volume thinner than this along one
+#: axis (a 2-slice slab, a 2-D image padded to 3-D) has no such extent, and would give a map
+#: that looks like chi but is not.
+MIN_EXTENT_VOXELS = 8
+#: The magnitude of a gradient echo decays with TE (T2*); the median over bright voxels may
+#: rise from the first to the last echo by at most this fraction (noise, drift) before the echo
+#: order is called into question. Reversed echoes rise by exp(dTE / T2*) - 1: 8 % for
+#: 4 ms of echo spacing at T2* = 50 ms, 60-100 % for usual multi-echo protocols.
+DECAY_TOLERANCE = 0.05
+#: Values within this of an integer count as integers in a mask (scaled 0/255 masks round-trip
+#: through float32 with errors near 1e-7).
+_MASK_INTEGER_ATOL = 1e-3
 #: Largest accepted field strength in tesla (human and preclinical scanners stay below).
 B0_MAX_T = 20.0
 #: Tolerance when comparing affines of files that should share a grid: converters write each echo
@@ -38,8 +69,9 @@ AFFINE_ATOL_MM = 1e-3
 AFFINE_RTOL = 1e-5
 
 
-def check_te_s(te_s: float | Sequence[float], source: str) -> tuple[float, ...]:
-    """Validate echo times in seconds: finite, positive, strictly increasing, not milliseconds.
+def check_te_s(te_s: float | Sequence[float], source: str,
+               max_s: float = TE_MAX_S) -> tuple[float, ...]:
+    """Validate echo times in seconds: finite, positive, strictly increasing, at most ``max_s``.
 
     Parameters
     ----------
@@ -47,6 +79,9 @@ def check_te_s(te_s: float | Sequence[float], source: str) -> tuple[float, ...]:
         Echo time(s), s.
     source : str
         Where they came from (file or argument), used in messages.
+    max_s : float
+        Longest accepted echo time (:data:`TE_MAX_S`; :data:`TE_UNUSED_MAX_S` where TE is a
+        placeholder). Values of 1 and above are reported as milliseconds.
 
     Returns
     -------
@@ -62,9 +97,13 @@ def check_te_s(te_s: float | Sequence[float], source: str) -> tuple[float, ...]:
     for t in values:
         if not math.isfinite(t) or t <= 0:
             raise QSMInputError(f"{source}: EchoTime {t!r} must be positive (seconds)")
-        if t > TE_MAX_S:
-            raise QSMInputError(f"{source}: EchoTime {t:g} looks like milliseconds; "
-                                "BIDS EchoTime is in seconds")
+        if t > max_s:
+            if t >= 1.0:
+                raise QSMInputError(f"{source}: EchoTime {t:g} looks like milliseconds; "
+                                    "BIDS EchoTime is in seconds")
+            raise QSMInputError(f"{source}: EchoTime {t:g} s is longer than {max_s:g} s, past "
+                                "any gradient-echo QSM echo (tissue T2* is under 0.1 s); BIDS "
+                                "EchoTime is in seconds (0.02 for 20 ms)")
     if any(b <= a for a, b in zip(values, values[1:])):
         raise QSMInputError(f"{source}: echo times {list(values)} must be strictly increasing")
     return values
@@ -136,12 +175,110 @@ def check_same_grid(shape: Sequence[int], affine: np.ndarray, ref_shape: Sequenc
                             "the images are not on the same grid")
 
 
-def check_mask(data: np.ndarray, name: str) -> np.ndarray:
-    """Return a 3-D boolean mask (voxels > 0.5); refuse an empty mask."""
-    mask = check_volume_3d(data, name) > 0.5
+def check_min_extent(shape: Sequence[int], name: str,
+                     min_extent: int = MIN_EXTENT_VOXELS) -> None:
+    """Refuse a volume with fewer than ``min_extent`` voxels along a spatial axis."""
+    spatial = tuple(int(n) for n in shape[:3])
+    thin = [axis for axis, n in enumerate(spatial) if n < min_extent]
+    if thin:
+        axis = thin[0]
+        raise QSMInputError(f"{name}: volume is only {spatial[axis]} voxel(s) along axis {axis} "
+                            f"(shape {spatial}); QSM needs at least {min_extent} along every "
+                            "axis (the dipole kernel and background removal are 3-D)")
+
+
+def check_mask(data: np.ndarray, name: str, threshold: float | None = None) -> np.ndarray:
+    """Return a 3-D boolean mask; refuse an empty one and, without a threshold, a fractional one.
+
+    Parameters
+    ----------
+    data : ndarray
+        Mask image as read (3-D, or 4-D with one volume).
+    name : str
+        File name for messages.
+    threshold : float, optional
+        Binarise explicitly: inside = value > threshold (``--mask-threshold``). Without it the
+        values must be integers (0/1, 0/255, a label image): inside = nonzero. Fractional values
+        (a probability map, a resampled mask) are refused rather than cut at an arbitrary level,
+        and so are negative values.
+    """
+    arr = check_volume_3d(data, name)
+    if threshold is not None:
+        if not math.isfinite(float(threshold)):
+            raise QSMInputError(f"--mask-threshold: {threshold!r} is not a finite number")
+        mask = arr > threshold
+        if not mask.any():
+            raise QSMInputError(f"{name}: mask is empty (no voxel > {threshold:g}, "
+                                "--mask-threshold)")
+        log.info("%s: mask binarised at %g (--mask-threshold): %d of %d voxels inside", name,
+                 threshold, int(mask.sum()), mask.size)
+        return mask
+    fractional = np.abs(arr - np.round(arr)) > _MASK_INTEGER_ATOL
+    if fractional.any():
+        values = arr[fractional]
+        raise QSMInputError(
+            f"{name}: mask has {int(fractional.sum())} voxel(s) with fractional values in "
+            f"[{float(values.min()):.3g}, {float(values.max()):.3g}] (a probability map or a "
+            "resampled mask?); pass --mask-threshold T to binarise it (inside: value > T)")
+    if float(arr.min()) < 0:
+        raise QSMInputError(f"{name}: mask has negative values (min {float(arr.min()):g}); a "
+                            "mask is 0 outside and positive inside; pass --mask-threshold T "
+                            "to binarise it (inside: value > T)")
+    mask = arr != 0
     if not mask.any():
-        raise QSMInputError(f"{name}: mask is empty (no voxel > 0.5)")
+        raise QSMInputError(f"{name}: mask is empty (no nonzero voxel)")
+    top = float(arr.max())
+    if top != 1.0:
+        labels = np.unique(np.round(arr[mask]))
+        log.info("%s: mask values %s; every nonzero voxel taken as inside", name,
+                 ", ".join(f"{v:g}" for v in labels[:5]) + (", ..." if labels.size > 5 else ""))
     return mask
+
+
+def check_mask_has_background(mask: np.ndarray, name: str, hint: str) -> None:
+    """Refuse a mask with no background voxel: background-field removal needs some outside."""
+    if bool(np.all(mask)):
+        raise QSMInputError(f"{name}: mask covers the whole grid ({mask.size} voxels, no "
+                            "background), so background-field removal has nothing outside the "
+                            f"brain to work with; {hint}")
+
+
+def check_magnitude_decay(magnitude: np.ndarray, te_s: Sequence[float], name: str,
+                          mask: np.ndarray | None = None,
+                          tolerance: float = DECAY_TOLERANCE) -> list[float]:
+    """Refuse multi-echo magnitude that grows from the first to the last echo.
+
+    T2* decay makes every voxel's magnitude fall with TE; echoes stored in reverse order (TE
+    ascending, images descending) make it grow. The statistic is the median over the mask, or
+    without one over bright voxels (mean over echoes above 30 % of its 99th percentile), of each
+    echo; it is refused when the last echo's exceeds the first's by more than ``tolerance``.
+
+    Returns
+    -------
+    list of float
+        The per-echo medians (empty when there is one echo or nothing bright).
+    """
+    mag = np.asarray(magnitude)
+    if mag.ndim != 4 or mag.shape[0] < 2:
+        return []
+    if mask is not None:
+        region = np.asarray(mask, dtype=bool)
+    else:
+        ref = mag.mean(axis=0)
+        region = ref > 0.3 * float(np.percentile(ref, 99))
+    n = int(region.sum())
+    if n == 0:
+        return []
+    medians = [float(np.median(echo[region])) for echo in mag]
+    if medians[0] > 0 and medians[-1] > medians[0] * (1.0 + tolerance):
+        figures = ", ".join(f"{m:.4g}" for m in medians)
+        times = ", ".join(f"{1e3 * t:g}" for t in te_s)
+        raise QSMInputError(
+            f"{name}: magnitude grows with echo time (median over {n} "
+            f"{'mask' if mask is not None else 'bright'} voxels per echo: {figures} at TE "
+            f"{times} ms), which T2* decay never does; are the echoes stored in reverse order? "
+            "If the order is right, pass --no-decay-check")
+    return medians
 
 
 _UNIT_TO_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001}
