@@ -139,12 +139,9 @@ def evaluate(name: str, arrays: dict) -> dict:
     from qsmnet.physics.units import wrap_phase
     from qsmnet.simulation.qsmforward_acquisition import QSMFORWARD_GAMMA_BAR_MHZ_PER_T as GQF
     from qsmnet.transforms.field_mapping import FieldMapping
-    from qsmnet.transforms.multi_echo import (
-        mcpc3ds_phase_offset,
-        remove_phase_offset,
-        temporal_unwrap,
-    )
+    from qsmnet.transforms.phase_offsets import mcpc3ds_phase_offset, remove_phase_offset
     from qsmnet.transforms.reliability import unreliable_phase_mask
+    from qsmnet.transforms.temporal_unwrapping import temporal_unwrap
     from qsmnet.transforms.unwrap import unwrap_laplacian
 
     phase = torch.from_numpy(arrays["phase"])
@@ -223,16 +220,14 @@ def prepare_step_inputs(arrays: dict, folder: Path) -> dict:
     import torch
 
     from qsmnet.transforms.field_mapping import FieldMapping
-    from qsmnet.transforms.multi_echo import (
-        mcpc3ds_phase_offset,
-        remove_phase_offset,
-        temporal_unwrap,
-    )
-    from qsmnet.transforms.unwrap import _bbox, unwrap_laplacian
+    from qsmnet.transforms._grid import mask_bbox
+    from qsmnet.transforms.phase_offsets import mcpc3ds_phase_offset, remove_phase_offset
+    from qsmnet.transforms.temporal_unwrapping import temporal_unwrap
+    from qsmnet.transforms.unwrap import unwrap_laplacian
 
     fm = FieldMapping()
     mask = torch.from_numpy(arrays["mask"].astype(bool))
-    box = _bbox(mask)
+    box = mask_bbox(mask) or tuple(slice(0, n) for n in mask.shape[-3:])
     sl3 = (Ellipsis, *box)
     sl4 = (Ellipsis, slice(None), *box)
     phase = torch.from_numpy(arrays["phase"])[sl4].contiguous()
@@ -269,12 +264,9 @@ def run_child(step: str, path: str, threads: int, repeats: int) -> None:
     torch.set_num_threads(threads)
     from qsmnet.transforms.field_mapping import FieldMapping
     from qsmnet.transforms.masking import BrainMask
-    from qsmnet.transforms.multi_echo import (
-        fit_field_wls,
-        mcpc3ds_phase_offset,
-        remove_phase_offset,
-        temporal_unwrap,
-    )
+    from qsmnet.transforms.echo_fit import fit_field_wls
+    from qsmnet.transforms.phase_offsets import mcpc3ds_phase_offset, remove_phase_offset
+    from qsmnet.transforms.temporal_unwrapping import temporal_unwrap
     from qsmnet.transforms.unwrap import unwrap_laplacian
 
     d = dict(np.load(path))

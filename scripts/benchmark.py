@@ -55,7 +55,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "results"
+DOCS_RESULTS = ROOT / "docs" / "results"
+RESULTS = DOCS_RESULTS
 CACHE = ROOT / ".benchmarks"
 #: ``unet`` is what ``--method unet`` does (the shipped network with the test-time data
 #: consistency its model card recommends); ``unet-nodc`` the network alone; ``unet+dc`` the
@@ -647,7 +648,8 @@ def render() -> Path:
     extra = ROOT / "docs" / "benchmarks_notes.md"
     if extra.is_file():
         lines += [extra.read_text()]
-    out = ROOT / "docs" / "benchmarks.md"
+    # the project's page, or beside the results of a run kept elsewhere (--results)
+    out = ROOT / "docs" / "benchmarks.md" if RESULTS == DOCS_RESULTS else RESULTS / "benchmarks.md"
     from qsmnet.io.atomic import atomic_write_text
 
     atomic_write_text(out, "\n".join(lines) + "\n")
@@ -669,10 +671,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="recompute cached results")
+    p.add_argument("--results", type=Path, default=None, metavar="DIR",
+                   help="write the JSON results (and the rendered page) to DIR instead of "
+                        "docs/results (e.g. to compare two commits on a small size)")
     p.add_argument("--ablation-steps", type=int, default=500)
     p.add_argument("--ablation-patch", type=int, default=32)
     p.add_argument("--ablation-seed", type=int, default=7)
     a = p.parse_args(argv)
+    global RESULTS
+    if a.results is not None:
+        RESULTS = a.results.resolve()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if a.section in ("all", "accuracy"):
         import torch

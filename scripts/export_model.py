@@ -7,7 +7,9 @@
 
 Writes ``<out>`` (float16 weights, config, metadata), ``<out>.json`` (config + metadata) and
 ``MODEL_CARD.md`` beside it: the training config, the steps, the data, the validation metrics
-stored in the checkpoint, and the command that reproduces the run.
+stored in the checkpoint, and the command that reproduces the run (the run's Hydra overrides,
+with paths inside the repository written relative to it and paths outside it left out, so the
+card holds no machine's directories).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from qsmnet.io.errors import QSMInputError
 from qsmnet.models import QSMNet
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
 _ESTIMATE_NAMES = {"tkd": "a TKD estimate", "l2": "a closed-form L2 estimate",
                    "tv": "a TV-ADMM estimate (data term on the brain mask)"}
 
@@ -37,6 +41,27 @@ def _estimates_text(net) -> str:
 def _residual_text(net) -> str:
     base = net.get_config().get("residual_from")
     return f"; the U-Net learns the correction to the {base.upper()} estimate" if base else ""
+
+
+def portable_overrides(overrides, root: Path = ROOT) -> list[str]:
+    """The run's overrides as a command anyone can run from the repository root.
+
+    A value that is an absolute path inside ``root`` is made relative to it; an override whose
+    value is an absolute path elsewhere (a scratch directory of the training machine) is left
+    out, so the run falls back to that setting's default.
+    """
+    out = []
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        if sep and value.startswith("/"):
+            path = Path(value)
+            try:
+                value = path.resolve().relative_to(root.resolve()).as_posix() or "."
+            except ValueError:
+                continue
+            item = f"{key}={value}"
+        out.append(item)
+    return out
 
 
 def main(argv=None) -> int:
@@ -78,7 +103,7 @@ def main(argv=None) -> int:
             "seed": cfg.get("seed"), "notes": a.notes,
             "parameters": sum(p.numel() for p in net.parameters())}
     save_release(net, a.out, meta, half=True)
-    cmd = "python scripts/train.py " + " ".join(overrides)
+    cmd = " ".join(["python scripts/train.py", *portable_overrides(overrides)])
     card = f"""# Model card: {a.name}
 
 - **File**: `{a.out.name}` ({a.out.stat().st_size / 1e6:.1f} MB, float16 weights; loaded by

@@ -10,10 +10,7 @@ import pytest
 import torch
 
 from qsmnet.physics.units import GAMMA_BAR_MHZ_PER_T, wrap_phase
-from qsmnet.transforms.base import Compose
-from qsmnet.transforms.field_mapping import FieldMapping
-from qsmnet.transforms.masking import BrainMask
-from qsmnet.transforms.multi_echo import (
+from qsmnet.transforms import (
     MultiEchoFit,
     PhaseOffsetRemoval,
     TemporalUnwrap,
@@ -23,6 +20,9 @@ from qsmnet.transforms.multi_echo import (
     mcpc3ds_phase_offset,
     temporal_unwrap,
 )
+from qsmnet.transforms.base import Compose
+from qsmnet.transforms.field_mapping import FieldMapping
+from qsmnet.transforms.masking import BrainMask
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "preprocess"
 TE = (0.004, 0.009, 0.014, 0.019)

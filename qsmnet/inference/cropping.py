@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qsmnet.transforms._grid import mask_bbox as grid_mask_bbox
+
 
 @dataclass(frozen=True)
 class CropPad:
@@ -52,17 +54,10 @@ def mask_bbox(mask: torch.Tensor, margin: Sequence[int] | int = 0) -> tuple[slic
     """Bounding box of the non-zero voxels of ``mask`` (X, Y, Z), grown by ``margin`` voxels
     and clipped to the grid. An empty mask raises ValueError."""
     m = mask.reshape(mask.shape[-3:]) if mask.ndim > 3 else mask
-    if not bool(m.any()):
+    box = grid_mask_bbox(m, margin)
+    if box is None:
         raise ValueError("the mask is empty")
-    margin = [margin] * 3 if isinstance(margin, int) else list(margin)
-    out = []
-    for axis in range(3):
-        other = tuple(d for d in range(3) if d != axis)
-        idx = torch.nonzero(m.any(dim=other)).flatten()
-        lo = max(int(idx.min()) - margin[axis], 0)
-        hi = min(int(idx.max()) + 1 + margin[axis], m.shape[axis])
-        out.append(slice(lo, hi))
-    return tuple(out)
+    return box
 
 
 def plan_crop_pad(mask: torch.Tensor, divisor: int = 8, margin: Sequence[int] | int = 8,

@@ -29,11 +29,11 @@ from qsmnet.io.errors import QSMInputError
 from qsmnet.physics.forward import DipoleConvolution
 from qsmnet.transforms.inversion import (
     closed_form_l2,
-    conjugate_gradient,
     reference_to_mask_mean,
     tkd,
     tv_brain_data,
 )
+from qsmnet.transforms.solvers import conjugate_gradient
 
 #: the classical inversions by method name
 CLASSICAL_FUNCTIONS = {"tkd": tkd, "l2": closed_form_l2, "tv": tv_brain_data}

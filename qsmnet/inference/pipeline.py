@@ -21,7 +21,7 @@ from qsmnet.transforms.field_mapping import FieldMapping
 from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM, field_support_mask
 from qsmnet.transforms.inversion import reference_to_mask_mean
 from qsmnet.transforms.masking import BrainMask
-from qsmnet.transforms.multi_echo import check_te_s
+from qsmnet.transforms import check_te_s
 from qsmnet.transforms.reliability import (
     DEFAULT_MAX_PHASE_STEP_RAD,
     fill_unreliable,
@@ -70,8 +70,9 @@ def invert_on_support(inverter: Callable, field_ppm: torch.Tensor, inversion_mas
     """Invert ``field_ppm`` on ``inversion_mask`` and report chi on its part inside the brain.
 
     Returns ``(chi_ppm, chi_mask)``: chi referenced to its mean in ``chi_mask = inversion_mask
-    & brain_mask`` and 0 elsewhere. On the head phantoms inverting on the whole region background
-    removal returned (brain and rim) gave 1-2 points lower chi NRMSE than on the brain alone.
+    & brain_mask`` and 0 elsewhere. Inverting on the whole region background removal returned
+    (brain and rim) rather than on the brain alone is more accurate on the head phantoms
+    ("The field-support rim" in the notes of ``docs/benchmarks.md``).
     """
     chi = inverter(field_ppm, inversion_mask, voxel_size_mm, b0_dir)
     chi_mask = inversion_mask & brain_mask
@@ -100,9 +101,9 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
     max_phase_step_rad : from phase, voxels whose field jumps by more than this phase (at the
         spatially unwrapped echo) from a neighbour are treated as unreliable (2pi aliasing next
         to air): PDF gives them zero weight, and their local field is filled in from reliable
-        neighbours before the inversion (filling the *total* field before an SMV filter was
-        worse: V-SHARP 104 vs 82 % chi NRMSE on a head phantom, the fill being less accurate on
-        steep fields than the few wrong voxels it replaces). ``None`` or 0 turns this off.
+        neighbours before the inversion (not the *total* field before an SMV filter: that fill is
+        less accurate on steep fields than the few wrong voxels it replaces; "Unreliable phase"
+        in the notes of ``docs/benchmarks.md``). ``None`` or 0 turns this off.
     field_margin_mm : from phase with magnitude, field mapping, background removal and the
         inversion also use the voxels up to this far outside the brain mask whose magnitude is
         like the brain's (the CSF rim; :func:`qsmnet.transforms.field_support.field_support_mask`),

@@ -1,7 +1,7 @@
 """``qsmnet run-stage``: the QSM-CI stage contract.
 
 A stage reads the canonical files of IN_DIR and writes its canonical output to OUT_DIR, in ppm,
-on the input's grid and affine (``shared/qsm-conventions.md``):
+on the input's grid and affine (``docs/conventions.md``):
 
 =============  ==========================================  ====================
 stage          reads                                       writes

@@ -1,6 +1,6 @@
 """QSM-CI ``params.json``: acquisition parameters beside a stage's images.
 
-Schema (``shared/qsm-conventions.md``, PyPI ``qsm-ci``)::
+Schema (``docs/conventions.md``, PyPI ``qsm-ci``)::
 
     {"TE": [s, ...], "B0": T, "B0_dir": [x, y, z], "voxel_size": [mm, mm, mm]}
 

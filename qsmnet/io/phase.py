@@ -2,7 +2,7 @@
 
 Scanners and converters store phase in radians, in degrees, or as integers: Siemens 12-bit
 ``0..4095`` or ``-4096..4095``, other vendors other powers of two. Conventions
-(``shared/qsm-conventions.md``): phase already in radians is left untouched; other units are
+(``docs/conventions.md``): phase already in radians is left untouched; other units are
 converted and a line says so; anything ambiguous is refused rather than guessed.
 
 The units are recognised by how the data fill a nominal range: wrapped phase of a head (and its

@@ -124,12 +124,11 @@ def voxel_averaged_field(chi: torch.Tensor,
     Use it for strong, sharp sources *outside* the region where the field is used (air at about
     +9 ppm, bone): computed on the voxel grid itself, the sampled k-space kernel turns such a
     step into a field that oscillates near it and, for B0 oblique to the grid, is not harmonic
-    well away from it. For a voxelised sphere of air (radius 5 voxels, B0 tilted 25 deg) the
-    voxel-grid field differs from the sphere's exact dipole field by 19 % RMS three or more
-    radii away; with ``factors = 2`` by 0.2 % (1 mm) and 0.9 % (1 x 1 x 2 mm). Even factors do
-    best (3 gives 0.6 %). Inside a source region keep :func:`forward_field`: the local field a
-    network is trained to invert is defined with the voxel-grid kernel, as in the
-    data-consistency loss.
+    well away from it. Averaging over sub-voxels brings the field close to the exact dipole
+    field of the source; even factors do best, and 2 is enough (figures: "The background field
+    on sub-voxels" in the notes of ``docs/benchmarks.md``). Inside a source region keep
+    :func:`forward_field`: the local field a network is trained to invert is defined with the
+    voxel-grid kernel, as in the data-consistency loss.
 
     Parameters
     ----------

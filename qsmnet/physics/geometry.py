@@ -1,6 +1,6 @@
 """Geometry: the B0 direction in array-axis coordinates and affines that encode it.
 
-Convention (``shared/qsm-conventions.md``): arrays are indexed (x, y, z) as nibabel returns
+Convention (``docs/conventions.md``): arrays are indexed (x, y, z) as nibabel returns
 them; the B0 direction is a unit vector in *array-axis* coordinates,
 ``b0 = inv(R) @ [0, 0, 1]`` where ``R`` is the affine's 3x3 with its columns normalised and
 scanner z is B0.

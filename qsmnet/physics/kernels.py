@@ -154,9 +154,8 @@ def sphere_weights(shape: Sequence[int], voxel_size: Vec3, radius_mm: float,
     Why: a spherical mean removes a harmonic field only as far as the discrete sphere's moments
     match a sphere's. The binary sphere misses that on anisotropic grids: at 1x1x2 mm and
     6 mm radius its mean x^2 is 7.45 mm^2 and mean z^2 is 6.79 mm^2, against 7.2 for a sphere.
-    The harmonic background then leaks through SHARP-type filters (RESHARP on the 1x1x2 mm
-    head phantom: 25.6 % local-field NRMSE with binary spheres, 20.2 % with these weights,
-    against 19.9 % on the true local field).
+    The harmonic background then leaks through SHARP-type filters on anisotropic grids; these
+    weights stop the leak (figures: "Background removal" in the notes of ``docs/benchmarks.md``).
     """
     if radius_mm <= 0:
         raise ValueError(f"radius_mm must be positive, got {radius_mm}")

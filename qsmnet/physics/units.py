@@ -1,6 +1,6 @@
 """Unit conversions between phase (rad), frequency (Hz) and field (ppm).
 
-Phase model (``shared/qsm-conventions.md``)::
+Phase model (``docs/conventions.md``)::
 
     phase = phase0 + 2*pi * GAMMA_BAR * B0 * TE * field_ppm
 

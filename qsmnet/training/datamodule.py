@@ -240,8 +240,8 @@ class SimulatedQSMDataModule(L.LightningDataModule):
     sim_threads : torch intra-op threads while simulating on the CPU in the main process
         (``num_workers=0``; restored after each sample), or None to leave them alone. Workers
         always use one thread. One thread is the fastest for the simulator's many small
-        operations, by far on a busy machine (measured 9 vs 0.7 samples/s at 64^3 with 2 cores
-        shared with other jobs).
+        operations, by far on a busy machine (figures: "Training simulator" in the notes of
+        ``docs/benchmarks.md``).
     estimates : names of first estimates (``"tv"``) to precompute per sample, in the workers,
         with :func:`qsmnet.models.inputs.classical_estimate`; they travel in the batch as
         ``estimate_<name>`` ``(B, 1, X, Y, Z)`` and the network uses them instead of computing

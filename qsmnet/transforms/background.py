@@ -41,23 +41,22 @@ from qsmnet.physics.kernels import (
     _sphere_weights_on,
     dipole_kernel,
 )
-from qsmnet.transforms.base import Transform
-from qsmnet.transforms.inversion import (
+from qsmnet.transforms._grid import (
     PadArg,
-    _broadcast_mask,
-    _check_voxel_size,
-    _crop_box,
-    _float_dtype,
-    _map_samples,
-    _mask_bbox,
-    _per_sample_vectors,
-    _prepare_weights,
-    _uncrop_box,
-    conjugate_gradient,
-    reference_to_mask_mean,
+    Vec3,
+    broadcast_mask,
+    check_voxel_size,
+    crop_box,
+    float_dtype,
+    map_samples,
+    nonempty_box,
+    per_sample_vectors,
+    prepare_weights,
+    uncrop_box,
 )
-
-Vec3 = Sequence[float] | torch.Tensor
+from qsmnet.transforms.base import Transform
+from qsmnet.transforms.inversion import reference_to_mask_mean
+from qsmnet.transforms.solvers import conjugate_gradient
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,9 +68,9 @@ def _check_inputs(field_ppm: torch.Tensor, mask: torch.Tensor | None) -> torch.T
         raise ValueError(f"field_ppm must be (..., X, Y, Z), got shape {tuple(field_ppm.shape)}")
     if mask is None:
         raise ValueError("background-field removal needs a mask")
-    if not bool(torch.all(torch.isfinite(field_ppm[_broadcast_mask(mask, field_ppm)]))):
+    if not bool(torch.all(torch.isfinite(field_ppm[broadcast_mask(mask, field_ppm)]))):
         raise ValueError("field_ppm has non-finite values inside the mask")
-    return field_ppm.detach().to(_float_dtype(field_ppm))
+    return field_ppm.detach().to(float_dtype(field_ppm))
 
 
 def _radius_voxels(radius_mm: float, vs: Sequence[float]) -> list[int]:
@@ -82,9 +81,9 @@ def _radius_voxels(radius_mm: float, vs: Sequence[float]) -> list[int]:
 
 def _padded_crop(f: torch.Tensor, m: torch.Tensor, margin: Sequence[int]):
     """Mask, crop to the mask bbox, zero pad by ``margin`` (voxels per side, FFT-friendly)."""
-    box = _mask_bbox(m)
-    fc = _crop_box(f * m.to(f.dtype), box)
-    mc = _crop_box(m, box)
+    box = nonempty_box(m)
+    fc = crop_box(f * m.to(f.dtype), box)
+    mc = crop_box(m, box)
     cshape = tuple(fc.shape)
     pads = pad_amount(cshape, [int(a) for a in margin])
     padded = [n + a + b for n, (a, b) in zip(cshape, pads)]
@@ -173,7 +172,7 @@ def _smv_bands(fp, mp, vs, radii, s):
 
 
 def _vsharp_single(f, m, vs, radii, threshold):
-    _check_voxel_size(vs)
+    check_voxel_size(vs)
     full = tuple(f.shape)
     margin = _radius_voxels(max(radii), vs)
     fp, mp, pads, box, cshape, padded = _padded_crop(f, m, [a + 1 for a in margin])
@@ -187,8 +186,8 @@ def _vsharp_single(f, m, vs, radii, threshold):
     for c, band in zip(kernels, bands):
         out = torch.where(band > 0, torch.fft.irfftn(f_spec * c, s=s), out)
     local = torch.fft.irfftn(torch.fft.rfftn(out) * inv, s=s) * filled.to(fp.dtype)
-    local = _uncrop_box(_crop(local, pads, cshape), box, full)
-    out_mask = _uncrop_box(_crop(filled, pads, cshape), box, full)
+    local = uncrop_box(_crop(local, pads, cshape), box, full)
+    out_mask = uncrop_box(_crop(filled, pads, cshape), box, full)
     return local, out_mask
 
 
@@ -207,9 +206,9 @@ def vsharp(field_ppm: torch.Tensor, mask: torch.Tensor,
     and masked by ``M_rmin``.
 
     Fast, and as the toolboxes do it; where tissue meets the mask's edge (a brain) the
-    truncated deconvolution loses most of the local field (80 % NRMSE on the head phantoms at
-    1 mm), and :func:`vresharp`, which solves the same data by regularised least squares, keeps
-    much more of it (32 %) at about five times the cost.
+    truncated deconvolution loses most of the local field, and :func:`vresharp`, which solves
+    the same data by regularised least squares, keeps much more of it at several times the cost
+    (head phantoms; see the 'Background removal' section of docs/benchmarks.md).
 
     Parameters
     ----------
@@ -226,15 +225,13 @@ def vsharp(field_ppm: torch.Tensor, mask: torch.Tensor,
         Truncation of the deconvolution (Wu 2012, QSM.jl, QSM.rs: 0.05).
     max_radius_mm : float
         Largest radius (12 mm, STI Suite / QSM.rs). It sets the deconvolution kernel, and the
-        error falls steeply with it on the head phantoms (scale 0.75, brains about 100 mm
-        across; local-field NRMSE on the true local field, subjects 0 / 1): axial 1 mm 80 / 77 %
-        at 12 mm, 67 / 60 % at 18 mm, 56 / 51 % at 25 mm; 1x1x2 mm 53 / 39, 41 / 32, 28 / 23 %.
-        The default stays the toolboxes' 12 mm: the phantoms are smaller than an adult brain.
+        error falls steeply with it on the head phantoms (sweep in the 'Background removal'
+        section of docs/benchmarks.md). The default stays the toolboxes' 12 mm: the phantoms
+        are smaller than an adult brain.
     min_radius_mm : float, optional
         Smallest radius; default two voxels (twice the largest voxel dimension). On the head
-        phantoms 2 voxels gave lower local-field NRMSE than 1 voxel (axial 1 mm, binary spheres
-        of the second session: 89.5 vs 94.6 %)
-        for 5 % less mask.
+        phantoms 2 voxels gave a lower local-field error than 1 voxel for a slightly smaller
+        mask (see the 'Background removal' section of docs/benchmarks.md).
     step_mm : float, optional
         Radius step; default the largest voxel dimension (1 mm iso: 12, 11, ..., 2;
         1x1x2 mm: 12, 10, ..., 4).
@@ -255,14 +252,14 @@ def vsharp(field_ppm: torch.Tensor, mask: torch.Tensor,
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     x = _check_inputs(field_ppm, mask)
     lead = tuple(x.shape[:-3])
-    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+    vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
 
     def one(f, m, vs, _extra):
         radii = _radii(vs, radii_mm, max_radius_mm, min_radius_mm, step_mm)
         return _vsharp_single(f, m, vs, radii, threshold)
 
     with torch.no_grad():
-        local, out_mask = _map_samples(one, x, mask, vss)
+        local, out_mask = map_samples(one, x, mask, vss)
     return _finish(local, out_mask)
 
 
@@ -271,7 +268,7 @@ def vsharp(field_ppm: torch.Tensor, mask: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 def _vresharp_single(f, m, vs, radii, lam, max_iter, tol):
-    _check_voxel_size(vs)
+    check_voxel_size(vs)
     full = tuple(f.shape)
     margin = _radius_voxels(max(radii), vs)
     fp, mp, pads, box, cshape, padded = _padded_crop(f, m, [a + 1 for a in margin])
@@ -290,8 +287,8 @@ def _vresharp_single(f, m, vs, radii, lam, max_iter, tol):
     x, _, _ = conjugate_gradient(lambda a: normal(a).add_(a, alpha=lam), rhs,
                                  max_iter=max_iter, tol=tol)
     filled_f = filled.to(fp.dtype)
-    local = _uncrop_box(_crop(x * filled_f, pads, cshape), box, full)
-    out_mask = _uncrop_box(_crop(filled, pads, cshape), box, full)
+    local = uncrop_box(_crop(x * filled_f, pads, cshape), box, full)
+    out_mask = uncrop_box(_crop(filled, pads, cshape), box, full)
     return local, out_mask
 
 
@@ -313,12 +310,12 @@ def vresharp(field_ppm: torch.Tensor, mask: torch.Tensor,
     :func:`vsharp` instead deconvolves the combined high-passed field with the largest kernel's
     truncated inverse. That treats the smaller radii's voxels as if filtered by the largest
     kernel, and the field outside the returned mask as zero, and the truncation drops every
-    frequency where ``|1 - S_rmax| < threshold``. On the head phantoms (scale 0.75, seed 0,
-    peak SNR 100, noisy total field; local-field NRMSE in the returned mask, 0.87 / 0.87 /
-    0.76 of the brain) V-SHARP leaves 80.1 / 82.7 / 53.2 % (axial 1 mm / tilted 25 deg /
-    1x1x2 mm) and this method 32.1 / 32.3 / 23.5 %; solving the same masked least squares with
-    the largest kernel alone gave 50.9 / 49.9 / 27.4 %. It is close in spirit to iRSHARP
-    (Fang 2017), which also varies the radius near the boundary under a regularised solve.
+    frequency where ``|1 - S_rmax| < threshold``. On the head phantoms this method leaves far
+    less local-field error than V-SHARP in the same returned mask, and both of its halves (the
+    per-radius kernels and the regularised solve) matter: the same masked least squares with
+    the largest kernel alone falls in between (figures in the 'Background removal' section of
+    docs/benchmarks.md). It is close in spirit to iRSHARP (Fang 2017), which also varies the
+    radius near the boundary under a regularised solve.
 
     Parameters
     ----------
@@ -332,12 +329,10 @@ def vresharp(field_ppm: torch.Tensor, mask: torch.Tensor,
         Radii in mm (sorted largest first here). Default: ``max_radius_mm`` down to
         ``min_radius_mm`` in steps of ``step_mm``.
     lam : float
-        Tikhonov weight (dimensionless, as :func:`resharp`'s). Default 1e-2, chosen with the
-        step on a head phantom outside the evaluation set (seed 2; local-field NRMSE %, axial
-        1 mm / tilted 25 deg / 1x1x2 mm, radius step 1 mm at 1 mm and 2 mm at 1x1x2 mm ->
-        2 mm and 4 mm): lam 1e-3 31.3 / 31.2 / 20.5 -> 30.7 / 30.5 / 20.9; 3e-3 31.1 / 31.0 /
-        20.6 -> 30.5 / 30.2 / 21.0; 1e-2 30.8 / 30.5 / 20.9 -> 30.3 / 29.8 / 21.6; 3e-2 31.7 /
-        31.0 / 22.4 -> 31.9 / 31.0 / 23.9; 1e-1 37.5 / 35.9 / 28.4 -> 39.3 / 37.6 / 30.8.
+        Tikhonov weight (dimensionless, as :func:`resharp`'s). Default 1e-2, chosen together
+        with the step on a head phantom outside the evaluation set (seed 2, axial 1 mm, tilted
+        25 deg and 1x1x2 mm; the sweep is in the 'Background removal' section of
+        docs/benchmarks.md).
     max_radius_mm, min_radius_mm : float
         As :func:`vsharp` (12 mm; two voxels).
     step_mm : float, optional
@@ -362,7 +357,7 @@ def vresharp(field_ppm: torch.Tensor, mask: torch.Tensor,
         raise ValueError(f"lam must be positive, got {lam}")
     x = _check_inputs(field_ppm, mask)
     lead = tuple(x.shape[:-3])
-    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+    vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
 
     def one(f, m, vs, _extra):
         step = max(2.0, max(vs)) if step_mm is None else step_mm
@@ -370,7 +365,7 @@ def vresharp(field_ppm: torch.Tensor, mask: torch.Tensor,
         return _vresharp_single(f, m, vs, radii, lam, max_iter, tol)
 
     with torch.no_grad():
-        local, out_mask = _map_samples(one, x, mask, vss)
+        local, out_mask = map_samples(one, x, mask, vss)
     return _finish(local, out_mask)
 
 
@@ -379,7 +374,7 @@ def vresharp(field_ppm: torch.Tensor, mask: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 def _resharp_single(f, m, vs, radius_mm, lam, max_iter, tol):
-    _check_voxel_size(vs)
+    check_voxel_size(vs)
     full = tuple(f.shape)
     margin = _radius_voxels(radius_mm, vs)
     fp, mp, pads, box, cshape, padded = _padded_crop(f, m, [a + 1 for a in margin])
@@ -398,8 +393,8 @@ def _resharp_single(f, m, vs, radius_mm, lam, max_iter, tol):
         return hp(hp(a) * erof).add_(a, alpha=lam)
 
     x, _, _ = conjugate_gradient(normal, rhs, max_iter=max_iter, tol=tol)
-    local = _uncrop_box(_crop(x * erof, pads, cshape), box, full)
-    out_mask = _uncrop_box(_crop(ero, pads, cshape), box, full)
+    local = uncrop_box(_crop(x * erof, pads, cshape), box, full)
+    out_mask = uncrop_box(_crop(ero, pads, cshape), box, full)
     return local, out_mask
 
 
@@ -424,12 +419,12 @@ def resharp(field_ppm: torch.Tensor, mask: torch.Tensor,
         Voxel size, mm.
     radius_mm : float
         SMV radius, mm. Default 6 mm (as QSM.rs and MEDI; the original default is 3 mm): on the
-        head phantoms the local-field error falls steeply with the radius (axial 1 mm: 2 mm
-        52 %, 3 mm 42 %, 4 mm 32 %, 6 mm 19 %) while the returned mask shrinks (90, 84, 80, 70 %).
+        head phantoms the local-field error falls steeply with the radius while the returned
+        mask shrinks (sweep in the 'Background removal' section of docs/benchmarks.md).
     lam : float
         Tikhonov weight (dimensionless; 1e-4 original, 1e-2 MEDI). Default 1e-3, the best mean
-        over the axial 1 mm and 1x1x2 mm phantoms at 6 mm (1e-4: 18.0 / 60.7 %, 1e-3: 19.0 /
-        36.2 %, 1e-2: 26.9 / 33.6 %).
+        local-field error over the axial 1 mm and 1x1x2 mm head phantoms at 6 mm (sweep in
+        the 'Background removal' section of docs/benchmarks.md).
     max_iter : int
         CG iterations (fixed budget).
     tol : float
@@ -449,13 +444,13 @@ def resharp(field_ppm: torch.Tensor, mask: torch.Tensor,
         raise ValueError(f"lam must be positive, got {lam}")
     x = _check_inputs(field_ppm, mask)
     lead = tuple(x.shape[:-3])
-    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+    vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
 
     def one(f, m, vs, _extra):
         return _resharp_single(f, m, vs, radius_mm, lam, max_iter, tol)
 
     with torch.no_grad():
-        local, out_mask = _map_samples(one, x, mask, vss)
+        local, out_mask = map_samples(one, x, mask, vss)
     return _finish(local, out_mask)
 
 
@@ -464,7 +459,7 @@ def resharp(field_ppm: torch.Tensor, mask: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 def _pdf_single(f, m, vs, b0, w, pad, max_iter, tol):
-    _check_voxel_size(vs)
+    check_voxel_size(vs)
     full = tuple(f.shape)
     margin = [int(pad)] * 3 if isinstance(pad, int) else [int(p) for p in pad]
     fp, mp, pads, box, cshape, padded = _padded_crop(f, m, margin)
@@ -474,7 +469,7 @@ def _pdf_single(f, m, vs, b0, w, pad, max_iter, tol):
     if w is None:
         w2 = mp
     else:
-        wp = _pad(_crop_box(w, box), pads) * mp
+        wp = _pad(crop_box(w, box), pads) * mp
         w2 = wp * wp
 
     def dip(a):
@@ -487,7 +482,7 @@ def _pdf_single(f, m, vs, b0, w, pad, max_iter, tol):
 
     x, _, _ = conjugate_gradient(normal, rhs, max_iter=max_iter, tol=tol)
     local = (fp - dip(x * outside)) * mp
-    local = _uncrop_box(_crop(local, pads, cshape), box, full)
+    local = uncrop_box(_crop(local, pads, cshape), box, full)
     return local, m.clone()
 
 
@@ -517,11 +512,13 @@ def pdf(field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm: Vec3 = (1.0,
         by root mean square.
     pad : int or (3,) ints
         Padding around the mask bounding box, voxels per side: the room for background dipoles
-        beyond the field of view and against wrap-around (MEDI uses 40). On the head phantoms
-        8 to 40 voxels change the error by < 1 % (axial) to 4 % (tilted); 24 is the default.
+        beyond the field of view and against wrap-around (MEDI uses 40). 24 is the default; on
+        the head phantoms the error hardly depends on it between 8 and 40 voxels (see
+        the 'Background removal' section of docs/benchmarks.md).
     max_iter : int
-        CG iterations (MEDI: 30). Early stopping regularises: on the head phantoms 20, 40 and
-        80 iterations give 45, 47, 48 % (axial) and 54, 51, 50 % (tilted) local-field NRMSE.
+        CG iterations (MEDI: 30). Early stopping regularises: on the head phantoms fewer
+        iterations help the axial case and more the tilted one, and 40 is the compromise (see
+        the 'Background removal' section of docs/benchmarks.md).
     tol : float
         CG relative residual tolerance.
 
@@ -538,12 +535,12 @@ def pdf(field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm: Vec3 = (1.0,
         raise ValueError(f"pdf needs an explicit padding in voxels, got {pad!r}")
     x = _check_inputs(field_ppm, mask)
     lead = tuple(x.shape[:-3])
-    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
-    b0s = _per_sample_vectors(b0_dir, lead, "b0_dir")
+    vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+    b0s = per_sample_vectors(b0_dir, lead, "b0_dir")
     w = None
     if weights is not None:
-        w = _prepare_weights(weights, x)
-        mb = _broadcast_mask(mask, x).to(x.dtype)
+        w = prepare_weights(weights, x)
+        mb = broadcast_mask(mask, x).to(x.dtype)
         peak = (w * mb).amax(dim=(-3, -2, -1), keepdim=True)
         w = w / peak.clamp_min(torch.finfo(x.dtype).tiny)
 
@@ -551,7 +548,7 @@ def pdf(field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm: Vec3 = (1.0,
         return _pdf_single(f, m, vs, b0, wi, pad, max_iter, tol)
 
     with torch.no_grad():
-        local, out_mask = _map_samples(one, x, mask, vss, b0s, extra=w)
+        local, out_mask = map_samples(one, x, mask, vss, b0s, extra=w)
     return _finish(local, out_mask)
 
 

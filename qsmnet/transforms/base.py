@@ -109,3 +109,18 @@ class Compose:
     def __repr__(self) -> str:
         inner = ",\n  ".join(repr(t) for t in self.transforms)
         return f"Compose([\n  {inner}\n])"
+
+
+class OptionalKeysTransform(Transform):
+    """A transform whose dict twin passes ``optional_input_keys`` only when the sample has them
+    (and they are not None); e.g. a mask that is built when absent."""
+
+    optional_input_keys: dict[str, str] = {}
+
+    def apply(self, sample, input_keys=None, output_keys=None):
+        ins = dict(self.input_keys if input_keys is None else input_keys)
+        if input_keys is None:
+            for arg, key in self.optional_input_keys.items():
+                if sample.get(key) is not None:
+                    ins[arg] = key
+        return super().apply(sample, ins, output_keys)

@@ -4,15 +4,15 @@
 
 1. the mask: the user's, or :class:`qsmnet.transforms.masking.BrainMask` from the magnitude;
 2. phase-offset removal (MCPC-3D-S single coil,
-   :func:`qsmnet.transforms.multi_echo.mcpc3ds_phase_offset`; skipped for one echo);
+   :func:`qsmnet.transforms.phase_offsets.mcpc3ds_phase_offset`; skipped for one echo);
 3. spatial Laplacian unwrapping of the reference echo with integer-2pi correction
    (:func:`qsmnet.transforms.unwrap.unwrap_laplacian`), its global 2pi multiple matched to the
    offset-free phase evolution measured between the first two echoes, so all echoes agree;
-4. temporal unwrapping of the other echoes (:func:`qsmnet.transforms.multi_echo.temporal_unwrap`);
+4. temporal unwrapping of the other echoes (:func:`qsmnet.transforms.temporal_unwrapping.temporal_unwrap`);
 5. the weighted least-squares fit through the origin and the conversion to ppm
-   (:func:`qsmnet.transforms.multi_echo.fit_field_wls`).
+   (:func:`qsmnet.transforms.echo_fit.fit_field_wls`).
 
-Outputs are in ppm (``shared/qsm-conventions.md``); the total field is zero outside the mask.
+Outputs are in ppm (``docs/conventions.md``); the total field is zero outside the mask.
 """
 
 from __future__ import annotations
@@ -22,23 +22,19 @@ from collections.abc import Sequence
 import torch
 
 from qsmnet.physics.units import wrap_phase
+from qsmnet.transforms._echoes import check_te_s, echo_te
+from qsmnet.transforms._grid import as_float, mask_bbox
+from qsmnet.transforms.base import OptionalKeysTransform
+from qsmnet.transforms.echo_fit import estimate_noise_std, fit_field_wls
 from qsmnet.transforms.masking import BrainMask
-from qsmnet.transforms.multi_echo import (
-    _echo_te,
-    _float,
-    check_te_s,
-    estimate_noise_std,
-    fit_field_wls,
-    mcpc3ds_phase_offset,
-    remove_phase_offset,
-    temporal_unwrap,
-)
-from qsmnet.transforms.unwrap import _bbox, _OptionalKeysTransform, unwrap_laplacian
+from qsmnet.transforms.phase_offsets import mcpc3ds_phase_offset, remove_phase_offset
+from qsmnet.transforms.temporal_unwrapping import temporal_unwrap
+from qsmnet.transforms.unwrap import unwrap_laplacian
 
 __all__ = ["FieldMapping"]
 
 
-class FieldMapping(_OptionalKeysTransform):
+class FieldMapping(OptionalKeysTransform):
     """Wrapped multi-echo phase and magnitude -> total field (ppm), mask and field noise (ppm).
 
     Parameters
@@ -84,10 +80,10 @@ class FieldMapping(_OptionalKeysTransform):
 
     Voxels where the true phase of the reference echo jumps by more than pi between neighbours
     (steep fields next to air at 1 mm) cannot be unwrapped spatially and may be off by
-    ``1 / (GAMMA_BAR B0 TE_ref)`` ppm; on the qsm-forward head phantom (3 T, TE1 = 4 ms) that
-    is 0 to 0.02 % of the brain mask, at its surface (``scripts/bench_field_mapping.py``).
-    Everything runs on the mask's bounding box; one 256 x 256 x 176 x 4-echo volume takes
-    about 2 s on one CPU thread.
+    ``1 / (GAMMA_BAR B0 TE_ref)`` ppm; on the qsm-forward head phantom they are a tiny
+    fraction of the brain mask, at its surface (``scripts/bench_field_mapping.py``; figures and
+    per-step costs in the 'Unreliable phase and field mapping' section of docs/benchmarks.md).
+    Everything runs on the mask's bounding box.
     """
 
     input_keys = {"phase_rad": "phase", "magnitude": "magnitude", "te_s": "te_s",
@@ -121,7 +117,7 @@ class FieldMapping(_OptionalKeysTransform):
                  mask: torch.Tensor | None = None,
                  voxel_size_mm: Sequence[float] | torch.Tensor = (1.0, 1.0, 1.0)
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        phase_rad = _float(torch.as_tensor(phase_rad))
+        phase_rad = as_float(torch.as_tensor(phase_rad))
         if phase_rad.ndim < 4:
             raise ValueError(f"phase_rad must be (..., E, X, Y, Z), got {tuple(phase_rad.shape)}")
         n_echo = phase_rad.shape[-4]
@@ -129,7 +125,7 @@ class FieldMapping(_OptionalKeysTransform):
         if not 0 <= self.ref_index < n_echo:
             raise ValueError(f"ref_index {self.ref_index} out of range for {n_echo} echoes")
         if magnitude is not None:
-            magnitude = _float(torch.as_tensor(magnitude)).to(phase_rad.device, phase_rad.dtype)
+            magnitude = as_float(torch.as_tensor(magnitude)).to(phase_rad.device, phase_rad.dtype)
             if magnitude.shape != phase_rad.shape:
                 raise ValueError(f"magnitude shape {tuple(magnitude.shape)} does not match "
                                  f"phase {tuple(phase_rad.shape)}")
@@ -154,7 +150,8 @@ class FieldMapping(_OptionalKeysTransform):
             if bool(torch.all(torch.isfinite(sigma))):
                 noise_std = sigma
         # Everything below runs on the mask's bounding box (outputs are zero outside the mask).
-        box = _bbox(mask, margin=0)
+        # (an empty mask returned above; its box would be the whole grid)
+        box = mask_bbox(mask) or tuple(slice(0, n) for n in mask.shape[-3:])
         sl3 = (Ellipsis, *box)
         sl4 = (Ellipsis, slice(None), *box)
         f_c, n_c = self._field(phase_rad[sl4], None if magnitude is None else magnitude[sl4],
@@ -176,8 +173,8 @@ class FieldMapping(_OptionalKeysTransform):
             i = self.offset_echoes[0]
             # Field phase at the reference TE implied by the inter-echo evolution: fixes the
             # reference echo's global 2pi multiple consistently with the other echoes.
-            reference = evolution * (_echo_te(te, self.ref_index, single)
-                                     / _echo_te(te, i, single))
+            reference = evolution * (echo_te(te, self.ref_index, single)
+                                     / echo_te(te, i, single))
         else:
             phase = wrap_phase(phase_rad)
             reference = 0.0

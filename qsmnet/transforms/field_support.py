@@ -3,36 +3,26 @@
 Background-field removal separates the brain's own field from the field of sources outside a
 mask, and it can only do so with the field it is given. Given the field on the brain alone, the
 part of the brain's field that the field of sources just outside it can imitate is taken for
-background: on qsmnet's head phantoms PDF loses 47 % of the local field that way even with no
-background at all, most of it within a few voxels of the edge, where the cortex meets CSF.
+background: on qsmnet's head phantoms PDF loses a large part of the local field that way even
+with no background at all, most of it within a few voxels of the edge, where the cortex meets
+CSF.
 
 A gradient-echo acquisition also measures the field in the CSF around the brain (bright, long
 T2*); skull and air give no signal. :func:`field_support_mask` adds the voxels within
 ``margin_mm`` of the brain whose magnitude is like the brain's and which connect to it, so that
 field mapping and background removal run on them too and the brain's sources lie inside the
 region rather than on its edge. The dipole inversion then runs on the same region and chi is
-reported on the brain mask. On the head phantoms that inversion was 1-2 points of chi NRMSE
-better than one on the brain alone; on a sphere phantom with a vein in the rim it was 3-4
-points worse, and both stayed far better than without the rim (``tests/test_field_support.py``).
+reported on the brain mask. On the head phantoms that inversion was slightly better than one
+on the brain alone; on a sphere phantom with a vein in the rim it was slightly worse, and both
+stayed far better than without the rim (``tests/test_field_support.py``).
 
 The default rim, 2 mm, was chosen on a head phantom outside the evaluation set (seed 2, axial
-1 mm, noise-free total field; PDF then brain-masked TV, mean of 100 and 200 ADMM iterations; chi
-NRMSE / HFEN / XSIM in the brain, NRMSE in the brain eroded by 3 mm):
-
-=========  =====  =====  =====  ======
-rim (mm)   NRMSE  HFEN   XSIM   eroded
-=========  =====  =====  =====  ======
-0          50.9   35.7   0.568  36.3
-1          40.2   25.5   0.575  36.8
-2          35.4   19.8   0.574  37.2
-3          36.8   19.3   0.544  39.4
-4          37.4   19.5   0.534  40.0
-=========  =====  =====  =====  ======
-
-Wider rims lower the error at the edge no further and raise it inside; why is not pinned down
-(the CSF there is about 4 mm thick, so a wider rim ends next to the skull, where the background
-field is steepest). ``docs/benchmarks.md`` has the end-to-end
-figures from wrapped phase on the evaluation set.
+1 mm, noise-free total field; PDF then brain-masked TV): it gave the lowest chi NRMSE and
+close to the lowest HFEN of 0-4 mm. Wider rims lower the error at the edge no further and raise
+it inside; why is not pinned down (the phantom's CSF is only a few mm thick, so a wider rim ends
+next to the skull, where the background field is steepest). The sweep, the end-to-end figures
+from wrapped phase on the evaluation set and the costs are in the 'The field-support rim'
+section of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -43,8 +33,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from qsmnet.transforms._grid import voxel_size
 from qsmnet.transforms.base import Transform
-from qsmnet.transforms.masking import BrainMask, _voxel_size
+from qsmnet.transforms.masking import BrainMask
 
 __all__ = ["DEFAULT_FIELD_MARGIN_MM", "DEFAULT_MIN_MAGNITUDE_FRAC", "FieldSupport",
            "field_support_mask"]
@@ -129,7 +120,7 @@ def field_support_mask(mask: torch.Tensor, magnitude: torch.Tensor | np.ndarray,
     -------
     (..., X, Y, Z) bool tensor on ``mask``'s device, a superset of ``mask``.
     """
-    vs = _voxel_size(voxel_size_mm)
+    vs = voxel_size(voxel_size_mm)
     _check(margin_mm, min_magnitude_frac)
     mask_t = torch.as_tensor(mask).to(torch.bool)
     if margin_mm == 0:

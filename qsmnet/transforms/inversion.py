@@ -20,26 +20,40 @@ Methods
 * :func:`closed_form_l2` — Tikhonov with a gradient penalty, closed form (Bilgic 2014 JMRI).
 * :func:`tv_admm` — total variation by ADMM (Bilgic 2014 MRM), optionally with data weights
   (magnitude / inverse noise) through a second split.
+  References: Bilgic B. et al., "Fast quantitative susceptibility mapping with
+  L1-regularization and automatic parameter selection", MRM 72:1444 (2014); Boyd S. et al.,
+  Found. Trends Mach. Learn. 3:1 (2011) for scaled ADMM; Milovic C. et al., MRM 80:814 (2018)
+  (FANSI) for the weighted data split.
 
 Defaults (TKD threshold 0.15, L2 alpha 0.01 mm^2, TV lambda 2e-4 (5e-5 weighted) with
 rho = 100 lambda, 12 voxels of padding) were chosen by a sweep on the qsm-forward head phantoms of
-:mod:`qsmnet.simulation.qsmforward_acquisition` (axial 1 mm, B0 tilted 25 deg, 1x1x2 mm; chi NRMSE
-from the true local field); see ``docs/benchmarks.md`` and ``scripts/bench_bfr_inversion.py``.
+:mod:`qsmnet.simulation.qsmforward_acquisition` (axial 1 mm, B0 tilted 25 deg, 1x1x2 mm; scored
+from the true local field); the sweeps are in the 'Classical dipole inversions' section of
+``docs/benchmarks.md``, see also ``scripts/bench_bfr_inversion.py``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Sequence
 
 import torch
 
 from qsmnet.physics.forward import _crop, _pad, pad_amount
 from qsmnet.physics.kernels import dipole_kernel, laplacian_eigenvalues
+from qsmnet.transforms._grid import (
+    PadArg,
+    broadcast_mask,
+    check_voxel_size,
+    crop_box,
+    float_dtype,
+    map_samples,
+    nonempty_box,
+    per_sample_vectors,
+    prepare_weights,
+    uncrop_box,
+)
 from qsmnet.transforms.base import Transform
-
-Vec3 = Sequence[float] | torch.Tensor
-PadArg = int | str | Sequence[int] | None
 
 #: Default zero padding (voxels per side, around the mask bounding box) of the inversions.
 DEFAULT_INVERSION_PAD = 12
@@ -53,7 +67,7 @@ _CONE_TOL = 1e-6
 
 
 # --------------------------------------------------------------------------------------------
-# Shared helpers (also used by :mod:`qsmnet.transforms.background`)
+# Referencing and the crop / pad grid (grid helpers: :mod:`qsmnet.transforms._grid`)
 # --------------------------------------------------------------------------------------------
 
 def reference_to_mask_mean(chi: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -66,131 +80,15 @@ def reference_to_mask_mean(chi: torch.Tensor, mask: torch.Tensor | None) -> torc
     return (chi - mean) * m
 
 
-def _float_dtype(x: torch.Tensor) -> torch.dtype:
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _broadcast_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast a mask ``(X, Y, Z)``, ``(B, X, Y, Z)`` or ``x``-shaped onto ``x`` (bool)."""
-    m = mask if mask.dtype == torch.bool else mask != 0
-    m = m.to(x.device)
-    if m.shape[-3:] != x.shape[-3:]:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the volume "
-                         f"{tuple(x.shape)} in its last three axes")
-    if 4 <= m.ndim < x.ndim:
-        # A per-sample mask (B, X, Y, Z) against (B, C..., X, Y, Z).
-        m = m.reshape(m.shape[0], *([1] * (x.ndim - m.ndim)), *m.shape[1:])
-    try:
-        return torch.broadcast_to(m, x.shape)
-    except RuntimeError as exc:
-        raise ValueError(f"mask shape {tuple(mask.shape)} cannot be broadcast to the volume "
-                         f"{tuple(x.shape)}") from exc
-
-
-def _per_sample_vectors(v: Vec3 | None, lead: Sequence[int], name: str) -> list[tuple | None]:
-    """Expand a ``(3,)`` or ``(B, 3)`` vector to one ``(3,)`` tuple per flattened sample."""
-    n = math.prod(lead)
-    if v is None:
-        return [None] * n
-    t = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
-    if t.shape[-1:] != (3,) or t.ndim > 2:
-        raise ValueError(f"{name} must have shape (3,) or (B, 3), got {tuple(t.shape)}")
-    if not bool(torch.all(torch.isfinite(t))):
-        raise ValueError(f"{name} must be finite, got {v!r}")
-    if t.ndim == 1 or t.shape[0] == 1:
-        row = tuple(float(a) for a in t.reshape(3))
-        return [row] * n
-    if len(lead) == 0 or lead[0] != t.shape[0]:
-        raise ValueError(f"{name} has {t.shape[0]} rows but the volume has leading shape "
-                         f"{tuple(lead)}; per-sample geometry needs (B, X, Y, Z) input")
-    inner = math.prod(lead[1:])
-    rows = [tuple(float(a) for a in r) for r in t]
-    return [rows[i // inner] for i in range(n)]
-
-
-def _check_voxel_size(vs: tuple[float, float, float]) -> None:
-    if any(not (a > 0) for a in vs):
-        raise ValueError(f"voxel_size_mm must be positive, got {vs}")
-
-
-def _mask_bbox(mask: torch.Tensor) -> list[tuple[int, int]]:
-    """``[(lo, hi), ...]`` (hi exclusive) of the True voxels of a 3-D mask."""
-    out = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = torch.nonzero(mask.any(dim=other)).reshape(-1)
-        if idx.numel() == 0:
-            raise ValueError("mask is empty: there is no voxel to reconstruct")
-        out.append((int(idx[0]), int(idx[-1]) + 1))
-    return out
-
-
-def _crop_box(x: torch.Tensor, box: list[tuple[int, int]]) -> torch.Tensor:
-    (a0, a1), (b0, b1), (c0, c1) = box
-    return x[..., a0:a1, b0:b1, c0:c1]
-
-
-def _uncrop_box(x: torch.Tensor, box: list[tuple[int, int]], shape: Sequence[int]) -> torch.Tensor:
-    out = x.new_zeros(*x.shape[:-3], *shape)
-    (a0, a1), (b0, b1), (c0, c1) = box
-    out[..., a0:a1, b0:b1, c0:c1] = x
-    return out
-
-
-def _map_samples(fn: Callable, x: torch.Tensor, mask: torch.Tensor | None, *vectors,
-                 extra: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """Run ``fn(x3, mask3, *vecs, extra3)`` on every 3-D sample and stack the results.
-
-    ``x`` is ``(..., X, Y, Z)``; ``mask`` and ``extra`` broadcast onto it; each entry of
-    ``vectors`` is a list (from :func:`_per_sample_vectors`) with one item per sample. ``fn``
-    returns a tuple of 3-D tensors; the stacked tuple has ``x``'s leading shape.
-    """
-    lead = tuple(x.shape[:-3])
-    shape = tuple(x.shape[-3:])
-    xs = x.reshape(-1, *shape)
-    ms = None if mask is None else _broadcast_mask(mask, x).reshape(-1, *shape)
-    es = None if extra is None else _broadcast_mask_like(extra, x).reshape(-1, *shape)
-    results = []
-    for i in range(xs.shape[0]):
-        res = fn(xs[i], None if ms is None else ms[i], *(v[i] for v in vectors),
-                 None if es is None else es[i])
-        results.append(res if isinstance(res, tuple) else (res,))
-    return tuple(torch.stack([r[j] for r in results]).reshape(*lead, *shape)
-                 for j in range(len(results[0])))
-
-
-def _broadcast_mask_like(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast real weights ``(X, Y, Z)`` / ``(B, X, Y, Z)`` onto ``x``."""
-    w = torch.as_tensor(w, device=x.device).to(_float_dtype(x))
-    if w.shape[-3:] != x.shape[-3:]:
-        raise ValueError(f"weights shape {tuple(w.shape)} does not match the volume "
-                         f"{tuple(x.shape)}")
-    if 4 <= w.ndim < x.ndim:
-        w = w.reshape(w.shape[0], *([1] * (x.ndim - w.ndim)), *w.shape[1:])
-    return torch.broadcast_to(w, x.shape)
-
-
-def _prepare_weights(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Check data weights and broadcast them onto ``x``.
-
-    A tensor with one more axis than ``x`` holds per-echo weights (e.g. magnitudes, echo axis
-    -4); they are combined as the root mean square over the echoes.
-    """
-    w = torch.as_tensor(weights, device=x.device).detach().to(x.dtype)
-    if w.ndim == x.ndim + 1:
-        w = w.pow(2).mean(dim=-4).sqrt()
-    if bool(torch.any(w < 0)) or not bool(torch.all(torch.isfinite(w))):
-        raise ValueError("weights must be finite and non-negative")
-    return _broadcast_mask_like(w, x)
 
 
 def _prepare_grid(x: torch.Tensor, mask: torch.Tensor | None, pad: PadArg):
     """Crop ``x`` (3-D) to the mask bbox and zero pad; returns (padded, pads, box, padded_shape)."""
     if mask is not None:
-        box = _mask_bbox(mask)
-        xc = _crop_box(x * mask.to(x.dtype), box)
+        box = nonempty_box(mask)
+        xc = crop_box(x * mask.to(x.dtype), box)
     else:
-        box = [(0, n) for n in x.shape[-3:]]
+        box = tuple(slice(0, n) for n in x.shape[-3:])
         xc = x
     cshape = tuple(xc.shape[-3:])
     pads = pad_amount(cshape, pad)
@@ -199,61 +97,9 @@ def _prepare_grid(x: torch.Tensor, mask: torch.Tensor | None, pad: PadArg):
 
 
 def _finish_grid(y: torch.Tensor, pads, box, cshape, full_shape) -> torch.Tensor:
-    return _uncrop_box(_crop(y, pads, cshape), box, full_shape)
+    return uncrop_box(_crop(y, pads, cshape), box, full_shape)
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
-
-
-def conjugate_gradient(apply_a: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
-                       x0: torch.Tensor | None = None, max_iter: int = 50,
-                       tol: float = 1e-6) -> tuple[torch.Tensor, int, float]:
-    """Conjugate gradients for a symmetric positive (semi-)definite operator.
-
-    Parameters
-    ----------
-    apply_a : callable
-        ``x -> A x`` on tensors shaped like ``b``.
-    b : tensor
-        Right-hand side.
-    x0 : tensor, optional
-        Start (zeros by default).
-    max_iter : int
-        Maximum number of iterations.
-    tol : float
-        Stop when ``||b - A x|| <= tol * ||b||``.
-
-    Returns
-    -------
-    (x, iterations, relative residual)
-    """
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
-    r = b - apply_a(x) if x0 is not None else b.clone()
-    bnorm = math.sqrt(max(_dot(b, b), 0.0))
-    if bnorm == 0.0:
-        return x, 0, 0.0
-    p = r.clone()
-    rs = _dot(r, r)
-    it = 0
-    for it in range(1, max_iter + 1):
-        ap = apply_a(p)
-        pap = _dot(p, ap)
-        if pap <= 0.0:
-            break
-        alpha = rs / pap
-        x.add_(p, alpha=alpha)
-        r.add_(ap, alpha=-alpha)
-        rs_new = _dot(r, r)
-        if math.sqrt(max(rs_new, 0.0)) <= tol * bnorm:
-            rs = rs_new
-            break
-        p.mul_(rs_new / rs).add_(r)
-        rs = rs_new
-    return x, it, math.sqrt(max(rs, 0.0)) / bnorm
-
-
-# --------------------------------------------------------------------------------------------
 # Direct (one-shot) inversions
 # --------------------------------------------------------------------------------------------
 
@@ -276,25 +122,25 @@ def _direct_inversion(local_field_ppm, mask, voxel_size_mm, b0_dir, pad, filt_fn
     x = local_field_ppm
     if x.ndim < 3:
         raise ValueError(f"local_field_ppm must be (..., X, Y, Z), got shape {tuple(x.shape)}")
-    x = x.to(_float_dtype(x))
+    x = x.to(float_dtype(x))
     lead = tuple(x.shape[:-3])
-    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
-    b0s = _per_sample_vectors(b0_dir, lead, "b0_dir")
+    vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+    b0s = per_sample_vectors(b0_dir, lead, "b0_dir")
     full = tuple(x.shape[-3:])
 
     def one(f, m, vs, b0, _extra):
-        _check_voxel_size(vs)
+        check_voxel_size(vs)
         if m is not None:
-            box = _mask_bbox(m)
-            fc = _crop_box(f * m.to(f.dtype), box)
+            box = nonempty_box(m)
+            fc = crop_box(f * m.to(f.dtype), box)
         else:
-            box = [(0, n) for n in full]
+            box = tuple(slice(0, n) for n in full)
             fc = f
         chi = _spectral_solve(fc, lambda d, shape: filt_fn(d, shape, vs), vs, b0, pad)
-        return _uncrop_box(chi, box, full)
+        return uncrop_box(chi, box, full)
 
-    (chi,) = _map_samples(one, x, mask, vss, b0s)
-    return reference_to_mask_mean(chi, None if mask is None else _broadcast_mask(mask, chi))
+    (chi,) = map_samples(one, x, mask, vss, b0s)
+    return reference_to_mask_mean(chi, None if mask is None else broadcast_mask(mask, chi))
 
 
 def tkd(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
@@ -318,8 +164,8 @@ def tkd(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
     voxel_size_mm, b0_dir : (3,) or (B, 3)
         Voxel size (mm) and B0 direction (array axes).
     threshold : float
-        Truncation level of ``|D|``; 0.15 (the common default) measured best among
-        {0.1, 0.125, 0.15, 0.2, 0.25} on the head phantom.
+        Truncation level of ``|D|``; 0.15 (the common default), the best of a sweep on the head
+        phantom (see the 'Classical dipole inversions' section of docs/benchmarks.md).
     pad : int, (3,) ints, "auto" or None
         Zero padding per side around the cropped volume, voxels (see
         :func:`qsmnet.physics.forward.pad_amount`).
@@ -363,9 +209,9 @@ def closed_form_l2(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = No
     local_field_ppm, mask, voxel_size_mm, b0_dir, pad
         As in :func:`tkd`.
     alpha : float
-        Regularisation weight, mm^2. Default 0.01: with 0.005 the lowest mean NRMSE of a sweep over
-        {0.005, 0.01, 0.02, 0.04, 0.08} on the head phantoms (49.6 % vs 49.5 %), and better on
-        the tilted case and in XSIM.
+        Regularisation weight, mm^2. Default 0.01: in a sweep on the head phantoms it tied with
+        0.005 on mean NRMSE and was better on the tilted case and in XSIM (see the 'Classical
+        dipole inversions' section of docs/benchmarks.md).
 
     Returns
     -------
@@ -421,7 +267,7 @@ def _grad_adjoint_into(g: torch.Tensor, out: torch.Tensor, inv_h: Sequence[float
 
 
 def _tv_admm_single(f, m, vs, b0, w, *, lam, rho, mu, max_iter, tol, pad):
-    _check_voxel_size(vs)
+    check_voxel_size(vs)
     full = tuple(f.shape)
     fp, pads, box, cshape, padded = _prepare_grid(f, m, pad)
     dt, dev = fp.dtype, fp.device
@@ -434,7 +280,7 @@ def _tv_admm_single(f, m, vs, b0, w, *, lam, rho, mu, max_iter, tol, pad):
 
     weighted = w is not None
     if weighted:
-        wp = _pad(_crop_box(w * (m.to(dt) if m is not None else 1.0), box), pads)
+        wp = _pad(crop_box(w * (m.to(dt) if m is not None else 1.0), box), pads)
         w2 = wp * wp
         den = mu * d * d + rho * e2
     else:
@@ -493,6 +339,38 @@ def _tv_admm_single(f, m, vs, b0, w, *, lam, rho, mu, max_iter, tol, pad):
     return _finish_grid(chi, pads, box, cshape, full), iters
 
 
+def _tv_parameters(lam, rho, mu, max_iter, weighted: bool) -> tuple[float, float]:
+    """Defaults and checks of :func:`tv_admm`'s parameters; returns ``(lam, rho)``."""
+    if lam is None:
+        lam = DEFAULT_TV_LAMBDA if not weighted else DEFAULT_TV_LAMBDA_WEIGHTED
+    if lam < 0:
+        raise ValueError(f"lam must be non-negative, got {lam}")
+    rho = 100.0 * lam if rho is None else float(rho)
+    if rho <= 0:
+        raise ValueError(f"rho must be positive (lam = 0 needs an explicit rho), got {rho}")
+    if mu <= 0:
+        raise ValueError(f"mu must be positive, got {mu}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    return lam, rho
+
+
+def _rms_normalised_weights(weights, mask, x: torch.Tensor) -> torch.Tensor:
+    """Data weights broadcast onto ``x``, divided by their RMS inside the mask (per sample)."""
+    wb = prepare_weights(weights, x)
+    mb = None if mask is None else broadcast_mask(mask, x).to(x.dtype)
+    ref = wb if mb is None else wb * mb
+    cnt = (torch.ones_like(ref) if mb is None else mb).sum(dim=(-3, -2, -1), keepdim=True)
+    rms = (ref.pow(2).sum(dim=(-3, -2, -1), keepdim=True) / cnt.clamp_min(1)).sqrt()
+    return wb / rms.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def _tv_admm_chi(f, m, vs, b0, wi, **kwargs) -> torch.Tensor:
+    """:func:`_tv_admm_single` without the iteration count (for :func:`map_samples`)."""
+    chi, _ = _tv_admm_single(f, m, vs, b0, wi, **kwargs)
+    return chi
+
+
 def tv_admm(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
             voxel_size_mm: Sequence[float] | torch.Tensor = (1.0, 1.0, 1.0),
             b0_dir: Sequence[float] | torch.Tensor = (0.0, 0.0, 1.0), lam: float | None = None,
@@ -515,10 +393,11 @@ def tv_admm(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
     1 / noise std, or just the mask) the data term is ``W = mask * weights`` (normalised to RMS 1
     in the mask), so voxels outside the mask carry no data -- the true field does not vanish
     there, and dropping that false constraint is what helps most: on the head phantoms the
-    weighted variant reaches 14-19 % NRMSE against 33 % unweighted (binary mask weights and
-    magnitude weights do alike at the same lambda). A second split ``v = D chi`` (penalty ``mu``, dual ``s2``) keeps
-    every update closed form: ``(mu D^2 + rho |E|^2) chi = mu D (v - s2) + rho
-    grad^T (z - u)``, ``v = (W^2 f + mu (D chi + s2)) / (W^2 + mu)``.
+    weighted variant has about half the unweighted NRMSE, and binary mask weights and magnitude
+    weights do alike at the same lambda (see the 'Classical dipole inversions' section of
+    docs/benchmarks.md). A second split ``v = D chi`` (penalty ``mu``, dual ``s2``) keeps every
+    update closed form: ``(mu D^2 + rho |E|^2) chi = mu D (v - s2) + rho grad^T (z - u)``,
+    ``v = (W^2 f + mu (D chi + s2)) / (W^2 + mu)``.
 
     Parameters
     ----------
@@ -530,16 +409,16 @@ def tv_admm(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
         Voxel size (mm) and B0 direction (array axes).
     lam : float, optional
         TV weight, ppm * mm (field in ppm, gradient per mm). Default 2e-4 without weights: the
-        lowest mean NRMSE of {5e-5, 1e-4, 1.5e-4, 2e-4, 4e-4, 8e-4} on the head phantoms, with and
-        without field noise (QSM.rs uses 2e-4, QSM.jl 1e-3); 5e-5 with weights, where the sweep
-        {2.5e-5, 5e-5, 1e-4, 2e-4} went 14.0, 14.6, 16.6, 19.0 % (mean, noisy field) and smaller
-        values are riskier on noisier data.
+        lowest mean NRMSE of a sweep on the head phantoms, with and without field noise (QSM.rs
+        uses 2e-4, QSM.jl 1e-3); 5e-5 with weights, near the best of its sweep while smaller
+        values are riskier on noisier data (sweeps in the 'Classical dipole inversions' section
+        of docs/benchmarks.md).
     rho : float, optional
-        ADMM penalty of the ``z = grad chi`` split; default ``100 * lam`` (QSM.jl); results vary
-        by < 0.1 % NRMSE over ``rho`` in [25, 250] * lam.
+        ADMM penalty of the ``z = grad chi`` split; default ``100 * lam`` (QSM.jl); on the head
+        phantoms the result hardly depends on it over a tenfold range.
     max_iter : int
         Maximum iterations (a fixed budget, so results do not depend on wall-clock). Unweighted,
-        NRMSE changes by < 0.1 % between 25 and 200 iterations on the head phantoms.
+        the result has converged well within the default on the head phantoms.
     tol : float
         Relative-change tolerance ``||chi_k - chi_{k-1}|| < tol ||chi_k||``.
     weights : tensor shaped like the field (or broadcastable: (X, Y, Z), (B, X, Y), ...), optional
@@ -547,9 +426,10 @@ def tv_admm(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
         (``(E, X, Y, Z)``, or ``(B, E, X, Y, Z)`` for a batch) and is combined as the root mean
         square over the echoes.
     mu : float
-        Penalty of the data split (weighted variant only). Default 0.3: on the head phantoms
-        (magnitude weights, 100 iterations) 0.3 / 1 / 3 gave 18.8 / 21.5 / 22.5 % NRMSE (axial).
-        The split converges slowly (NRMSE wanders by about +-1 % between 50 and 400 iterations).
+        Penalty of the data split (weighted variant only). Default 0.3, the best of a sweep on
+        the axial head phantom with magnitude weights. The split converges slowly, so the result
+        still moves with ``max_iter`` (see the 'Classical dipole inversions' section of
+        docs/benchmarks.md).
     pad : int, (3,) ints, "auto" or None
         Zero padding per side around the cropped volume, voxels.
 
@@ -557,48 +437,22 @@ def tv_admm(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
     -------
     (..., X, Y, Z) tensor: chi in ppm, zero mean inside the mask. Computed without autograd.
 
-    References
-    ----------
-    Bilgic B. et al., "Fast quantitative susceptibility mapping with L1-regularization and
-    automatic parameter selection", MRM 72:1444 (2014); Boyd S. et al., Found. Trends Mach.
-    Learn. 3:1 (2011) for scaled ADMM; Milovic C. et al., MRM 80:814 (2018) (FANSI) for the
-    weighted data split.
+    References: see the module docstring.
     """
-    if lam is None:
-        lam = DEFAULT_TV_LAMBDA if weights is None else DEFAULT_TV_LAMBDA_WEIGHTED
-    if lam < 0:
-        raise ValueError(f"lam must be non-negative, got {lam}")
-    rho = 100.0 * lam if rho is None else float(rho)
-    if rho <= 0:
-        raise ValueError(f"rho must be positive (lam = 0 needs an explicit rho), got {rho}")
-    if mu <= 0:
-        raise ValueError(f"mu must be positive, got {mu}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    lam, rho = _tv_parameters(lam, rho, mu, max_iter, weighted=weights is not None)
     x = local_field_ppm
     if x.ndim < 3:
         raise ValueError(f"local_field_ppm must be (..., X, Y, Z), got shape {tuple(x.shape)}")
-    x = x.detach().to(_float_dtype(x))
+    x = x.detach().to(float_dtype(x))
     lead = tuple(x.shape[:-3])
-    vss = _per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
-    b0s = _per_sample_vectors(b0_dir, lead, "b0_dir")
-    w = None
-    if weights is not None:
-        wb = _prepare_weights(weights, x)
-        mb = None if mask is None else _broadcast_mask(mask, x).to(x.dtype)
-        ref = wb if mb is None else wb * mb
-        cnt = (torch.ones_like(ref) if mb is None else mb).sum(dim=(-3, -2, -1), keepdim=True)
-        rms = (ref.pow(2).sum(dim=(-3, -2, -1), keepdim=True) / cnt.clamp_min(1)).sqrt()
-        w = wb / rms.clamp_min(torch.finfo(x.dtype).tiny)
-
-    def one(f, m, vs, b0, wi):
-        chi, _ = _tv_admm_single(f, m, vs, b0, wi, lam=lam, rho=rho, mu=mu, max_iter=max_iter,
-                                 tol=tol, pad=pad)
-        return chi
-
+    vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+    b0s = per_sample_vectors(b0_dir, lead, "b0_dir")
+    w = None if weights is None else _rms_normalised_weights(weights, mask, x)
+    one = functools.partial(_tv_admm_chi, lam=lam, rho=rho, mu=mu, max_iter=max_iter, tol=tol,
+                            pad=pad)
     with torch.no_grad():
-        (chi,) = _map_samples(one, x, mask, vss, b0s, extra=w)
-    return reference_to_mask_mean(chi, None if mask is None else _broadcast_mask(mask, chi))
+        (chi,) = map_samples(one, x, mask, vss, b0s, extra=w)
+    return reference_to_mask_mean(chi, None if mask is None else broadcast_mask(mask, chi))
 
 
 def tv_brain_data(local_field_ppm: torch.Tensor, mask: torch.Tensor,
@@ -609,8 +463,9 @@ def tv_brain_data(local_field_ppm: torch.Tensor, mask: torch.Tensor,
 
     qsmnet's ``tv`` method and the ``tv`` first estimate of the networks: the local field is
     unknown outside the mask, and dropping the false "field = 0 there" constraint of the
-    whole-grid data term is what helps most (head phantoms, true local field: 13-15 % NRMSE
-    against 33-34 % for the whole-grid variant, see docs/benchmarks.md). ``params`` go to
+    whole-grid data term is what helps most (head phantoms, true local field: about half the
+    whole-grid variant's NRMSE, see the 'Classical dipole inversions' section of
+    docs/benchmarks.md). ``params`` go to
     :func:`tv_admm`.
     """
     return tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir,

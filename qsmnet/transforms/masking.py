@@ -26,19 +26,12 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from qsmnet.physics.kernels import smv_kernel, sphere_mask
-from qsmnet.transforms.base import Transform
-from qsmnet.transforms.unwrap import _OptionalKeysTransform
+from qsmnet.transforms._grid import voxel_size
+from qsmnet.transforms.base import OptionalKeysTransform, Transform
 
 __all__ = ["BrainMask", "SMVErode", "ellipsoid_structure", "robust_threshold", "smv_erode"]
 
 _DIMS = (-3, -2, -1)
-
-
-def _voxel_size(voxel_size_mm) -> tuple[float, float, float]:
-    vs = torch.as_tensor(voxel_size_mm, dtype=torch.float64).reshape(-1)
-    if vs.numel() != 3 or not bool(torch.all(torch.isfinite(vs))) or bool(torch.any(vs <= 0)):
-        raise ValueError(f"voxel_size_mm must be 3 positive values, got {voxel_size_mm!r}")
-    return tuple(float(v) for v in vs)
 
 
 def ellipsoid_structure(radius_mm: float, voxel_size_mm: Sequence[float]) -> np.ndarray:
@@ -48,7 +41,7 @@ def ellipsoid_structure(radius_mm: float, voxel_size_mm: Sequence[float]) -> np.
     :func:`qsmnet.physics.kernels.sphere_mask`, centred; shape ``(2 n_i + 1)`` with
     ``n_i = floor(r / h_i)``.
     """
-    vs = _voxel_size(voxel_size_mm)
+    vs = voxel_size(voxel_size_mm)
     if radius_mm <= 0:
         raise ValueError(f"radius_mm must be positive, got {radius_mm}")
     n = [int(math.floor(radius_mm / h * (1.0 + 1e-9))) for h in vs]
@@ -78,7 +71,7 @@ def smv_erode(mask: torch.Tensor, radius_mm: float,
     mask (outside the array counts as outside the mask). Equals
     ``scipy.ndimage.binary_erosion(mask, ellipsoid_structure(radius_mm, voxel_size_mm))``.
     """
-    vs = _voxel_size(voxel_size_mm)
+    vs = voxel_size(voxel_size_mm)
     if radius_mm <= 0:
         raise ValueError(f"radius_mm must be positive, got {radius_mm}")
     if mask.ndim < 3:
@@ -182,7 +175,7 @@ def _auto_mask_one(mag: np.ndarray, vs, threshold: str, factor: float, opening_m
     return m
 
 
-class BrainMask(_OptionalKeysTransform):
+class BrainMask(OptionalKeysTransform):
     """The user's mask, or an automatic brain mask from the magnitude.
 
     Parameters
@@ -249,7 +242,7 @@ class BrainMask(_OptionalKeysTransform):
             return torch.as_tensor(mask).to(torch.bool)
         if magnitude is None:
             raise ValueError("BrainMask needs a magnitude image when no mask is given")
-        vs = _voxel_size(voxel_size_mm)
+        vs = voxel_size(voxel_size_mm)
         img = self.magnitude_image(torch.as_tensor(magnitude))
         arr = img.detach().cpu().to(torch.float64).numpy()
         lead = arr.shape[:-3]

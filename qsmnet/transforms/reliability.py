@@ -11,8 +11,9 @@ The test is on the fitted total field: a voxel is *unreliable* where its field d
 of its 6 neighbours (both inside the mask) by more than the field that turns the phase of the
 reference echo by ``max_step_rad`` (default pi/2, half the aliasing limit, so the steep slopes
 around a wrong voxel are caught too); the set is then grown by ``dilate_voxels``. On the
-qsm-forward head phantoms (3 T, TE1 4 ms, 1 mm) it flags 0.1 % of the brain and contains every
-voxel with a wrong 2pi count.
+qsm-forward head phantoms (3 T, TE1 4 ms, 1 mm) it flags a small fraction of the brain and
+contains every voxel of echo 1 with a wrong 2pi count (see the 'Unreliable phase and field
+mapping' section of docs/benchmarks.md).
 
 :func:`fill_unreliable` then replaces a field on those voxels by the Gaussian-weighted mean of the
 reliable voxels around them (normalised convolution), so that downstream steps see a smooth
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from qsmnet.physics.units import phase_to_ppm
-from qsmnet.transforms.multi_echo import gaussian_smooth_mm
+from qsmnet.transforms.smoothing import gaussian_smooth_mm
 
 __all__ = ["DEFAULT_MAX_PHASE_STEP_RAD", "fill_unreliable", "phase_step_ppm",
            "unreliable_phase_mask"]

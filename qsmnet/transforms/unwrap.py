@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from qsmnet.physics.kernels import laplacian_eigenvalues
 from qsmnet.physics.operators import divergence, gradient
 from qsmnet.physics.units import wrap_phase
-from qsmnet.transforms.base import Transform
+from qsmnet.transforms._grid import mask_bbox
+from qsmnet.transforms.base import OptionalKeysTransform
 
 _DIMS = (-3, -2, -1)
 TWO_PI = 2.0 * math.pi
@@ -293,23 +294,6 @@ def _pcg_masked_poisson(b: torch.Tensor, lap: _GraphLaplacian, inv_lam: torch.Te
     return u
 
 
-def _bbox(mask: torch.Tensor, margin: int = 0) -> list[slice]:
-    """Bounding box (union over leading dims) of ``mask`` with ``margin`` voxels, per axis."""
-    flat = mask.reshape(-1, *mask.shape[-3:]).any(dim=0)
-    out = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = torch.nonzero(flat.any(dim=other)).reshape(-1)
-        n = flat.shape[axis]
-        if idx.numel() == 0:
-            out.append(slice(0, n))
-            continue
-        lo = max(int(idx[0]) - margin, 0)
-        hi = min(int(idx[-1]) + 1 + margin, n)
-        out.append(slice(lo, hi))
-    return out
-
-
 def _fast_pad(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Zero-pad the last three axes at the end to FFT-friendly (5-smooth, even) lengths."""
     shape = x.shape[-3:]
@@ -430,7 +414,16 @@ def unwrap_laplacian(phase_rad: torch.Tensor, mask: torch.Tensor | None = None,
         smooth = dct_poisson_solve(wrapped_laplacian(psi, vs), vs)
         return _finish(psi, smooth, None, reference_rad, integer_correction)
     # Masked: solve (and correct) on the mask's bounding box only.
-    box = _bbox(mask, margin=0)
+    return _unwrap_masked(psi, mask, vs, reference_rad, integer_correction, max_iter, tol)
+
+
+def _unwrap_masked(psi: torch.Tensor, mask: torch.Tensor, vs, reference_rad,
+                   integer_correction: bool, max_iter: int, tol: float) -> torch.Tensor:
+    """:func:`unwrap_laplacian` with a (non-empty, not full) mask: the masked Poisson solve and
+    the correction on the mask's bounding box; outside the mask the input is kept."""
+    dtype = psi.dtype
+    # (unwrap_laplacian returns early on an empty mask; its box would be the whole grid)
+    box = mask_bbox(mask) or tuple(slice(0, n) for n in mask.shape[-3:])
     sl = (Ellipsis, *box)
     psi_c = psi[sl]
     m_c = mask[sl]
@@ -463,22 +456,7 @@ def _finish(psi: torch.Tensor, smooth: torch.Tensor, mask: torch.Tensor | None,
     return out if mask is None else torch.where(mask, out, psi)
 
 
-class _OptionalKeysTransform(Transform):
-    """A transform whose dict twin passes ``optional_input_keys`` only when the sample has them
-    (and they are not None); e.g. a mask that is built when absent."""
-
-    optional_input_keys: dict[str, str] = {}
-
-    def apply(self, sample, input_keys=None, output_keys=None):
-        ins = dict(self.input_keys if input_keys is None else input_keys)
-        if input_keys is None:
-            for arg, key in self.optional_input_keys.items():
-                if sample.get(key) is not None:
-                    ins[arg] = key
-        return super().apply(sample, ins, output_keys)
-
-
-class LaplacianUnwrap(_OptionalKeysTransform):
+class LaplacianUnwrap(OptionalKeysTransform):
     """Spatial phase unwrapping transform (see :func:`unwrap_laplacian`).
 
     Parameters
