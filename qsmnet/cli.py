@@ -6,7 +6,9 @@ one line on stderr, ``qsmnet: error: ...``, and exit code 2, before anything is 
 that a typo costs neither a model load nor a half-filled output folder.
 
 Handlers are imported lazily inside each subcommand, so that one subcommand's heavy imports
-(models, qsm-ci, the simulator) never slow down or break another, nor ``qsmnet --help``.
+(qsm-ci, the simulator, the network weights) never slow down or break another, nor ``qsmnet
+--help``. The names of the inversions and background removals are read from the modules that
+define them (one list each).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qsmnet import __version__
+from qsmnet.inference.dipole import CLASSICAL_METHODS
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.qsmci import QSMCI_INPUTS, QSMCI_STAGES
 from qsmnet.io.phase import PHASE_UNITS
-from qsmnet.io.validate import MIN_EXTENT_VOXELS, check_b0_dir, check_b0_t, check_te_s
+from qsmnet.io.validate import check_b0_dir, check_b0_t, check_te_s
+from qsmnet.transforms.background import BFR_METHODS
 from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM
 from qsmnet.transforms.reliability import DEFAULT_MAX_PHASE_STEP_RAD
 
@@ -34,7 +38,7 @@ __all__ = ["BUILTIN_METHODS", "DEVICES", "build_parser", "main"]
 
 PROG = "qsmnet"
 #: Reconstruction methods known by name; anything else given to --method must be a checkpoint.
-BUILTIN_METHODS = ("unet", "tkd", "l2", "tv")
+BUILTIN_METHODS = ("unet", *CLASSICAL_METHODS)
 DEVICES = ("cpu", "cuda", "auto")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -77,7 +81,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="unet", metavar="{unet,tkd,l2,tv}|CKPT",
+    p.add_argument("--method", default="unet", metavar=f"{{{','.join(BUILTIN_METHODS)}}}|CKPT",
                    help="reconstruction: the bundled network (unet), a classical baseline "
                         "(tkd, l2 = closed-form Tikhonov, tv = total variation with the data term on "
                         "the brain mask) or the path of a "
@@ -103,7 +107,7 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "brain's own field near its edge is not taken for background; chi is "
                         "reported on the brain mask; 0 uses the brain mask alone "
                         "(default: %(default)s)")
-    p.add_argument("--bfr", default="pdf", choices=("pdf", "vsharp", "resharp", "vresharp"),
+    p.add_argument("--bfr", default="pdf", choices=sorted(BFR_METHODS, key=lambda m: m != "pdf"),
                    help="background-field removal (default: %(default)s; pdf keeps the whole "
                         "mask, vsharp/resharp/vresharp erode it; vresharp is V-SHARP's "
                         "variable radius with RESHARP's regularised solve)")
@@ -404,9 +408,11 @@ def _validate_simulate(args: argparse.Namespace) -> None:
     _check_out_dir(args.out, "--out")
     if not args.subject.removeprefix("sub-").isalnum():
         raise QSMInputError(f"--subject: {args.subject!r} is not a BIDS label (letters and digits)")
-    if args.shape is not None and min(args.shape) < MIN_EXTENT_VOXELS:
-        # the readers' minimum: a subject predict would refuse is not worth simulating
-        raise QSMInputError(f"--shape: {args.shape} must have at least {MIN_EXTENT_VOXELS} "
+    from qsmnet.simulation.config import MIN_SIMULATED_VOXELS
+
+    if args.shape is not None and min(args.shape) < MIN_SIMULATED_VOXELS:
+        # the simulator's own minimum, checked before anything is imported or written
+        raise QSMInputError(f"--shape: {args.shape} must have at least {MIN_SIMULATED_VOXELS} "
                             "voxels per axis")
     if args.voxel_size is not None and not min(args.voxel_size) > 0:
         raise QSMInputError(f"--voxel-size: {args.voxel_size} must be positive (mm)")

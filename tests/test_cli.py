@@ -203,11 +203,11 @@ def test_evaluate_checks_and_dispatch(capsys, tmp_path, write_nifti, fake_handle
 def test_simulate_dispatch_passes_only_given_options(tmp_path, fake_handler):
     calls = fake_handler("qsmnet.simulation.bids", "write_simulated_subject")
     assert main(["simulate", "--out", str(tmp_path / "bids"), "--subject", "07", "--seed", "3",
-                 "--shape", "16", "16", "12", "--b0-dir", "0", "0.2", "1",
+                 "--shape", "16", "16", "16", "--b0-dir", "0", "0.2", "1",
                  "--te", "0.004", "0.012"]) == 0
     ((pos, kwargs),) = calls
     assert pos == (tmp_path / "bids",)
-    assert kwargs == {"subject": "07", "seed": 3, "shape": (16, 16, 12),
+    assert kwargs == {"subject": "07", "seed": 3, "shape": (16, 16, 16),
                       "b0_dir": (0.0, 0.2, 1.0), "te_s": (0.004, 0.012)}
     assert main(["simulate", "--out", str(tmp_path / "b2"), "--voxel-size", "1", "1", "2",
                  "--b0", "7", "--snr", "50"]) == 0

@@ -128,3 +128,49 @@ def test_optimizer_and_scheduler_are_partials():
     assert isinstance(opt, functools.partial) and isinstance(sched, functools.partial)
     cfg = _compose(["optim=adam_constant"])
     assert cfg.optim.scheduler is None
+
+
+# The preprocess configs spell out each transform's parameters for users to edit; where they
+# restate a default it must be the code's (one place for each default), and these are the
+# deliberate departures from it.
+PREPROCESS_CHANGES = {
+    "field_mapping.yaml": {"mask_transform"},  # an explicit automatic mask
+    "inversion_tv_weighted.yaml": {"weights_key"},  # the weighted variant
+    "smv_erode.yaml": {"radius_mm"},
+}
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_DIR / "preprocess").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_preprocess_configs_restate_the_code_defaults(path):
+    import importlib
+    import inspect
+
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    module, name = cfg.pop("_target_").rsplit(".", 1)
+    params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+    assert set(cfg) <= set(params), f"{path.name}: unknown parameters {set(cfg) - set(params)}"
+    differ = {k for k, v in cfg.items() if params[k].default != v}
+    if path.name == "field_mapping.yaml":  # YAML has lists where the code has tuples
+        differ -= {k for k in differ if list(params[k].default or []) == cfg[k]}
+    assert differ == PREPROCESS_CHANGES.get(path.name, set()), path.name
+
+
+def test_transform_classes_keep_their_functions_defaults():
+    """A transform class (the Hydra/dict form) and the function it wraps share each default."""
+    import inspect
+
+    import qsmnet.transforms as T
+
+    pairs = [(cls, fn) for cls in vars(T).values() if inspect.isclass(cls)
+             for fn in vars(T).values()
+             if inspect.isfunction(fn) and fn.__name__.replace("_", "").lower() == cls.__name__.lower()]
+    assert {c.__name__ for c, _ in pairs} >= {"PDF", "VSHARP", "RESHARP", "VRESHARP", "TKD",
+                                               "TVADMM", "ClosedFormL2"}
+    for cls, fn in pairs:
+        mine = inspect.signature(cls.__init__).parameters
+        theirs = inspect.signature(fn).parameters
+        for name in set(mine) & set(theirs) - {"self"}:
+            assert mine[name].default == theirs[name].default, f"{cls.__name__}.{name}"

@@ -8,6 +8,7 @@ every intermediate map with the mask each lives on and the time each stage took.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,95 @@ def invert_on_support(inverter: Callable, field_ppm: torch.Tensor, inversion_mas
     return reference_to_mask_mean(chi, chi_mask), chi_mask
 
 
+@contextmanager
+def _stage_timer(timings: dict[str, float], key: str, device: torch.device | None = None):
+    """Time the enclosed stage into ``timings[key]`` (s), after syncing ``device`` if given."""
+    t0 = time.perf_counter()
+    yield
+    if device is not None:
+        _sync(device)
+    timings[key] = time.perf_counter() - t0
+
+
+def _to_device_fn(device: torch.device) -> Callable[[Any], torch.Tensor]:
+    def to_dev(x):
+        return torch.as_tensor(x).to(device=device, dtype=torch.float32)
+
+    return to_dev
+
+
+def _check_options(start: str, bfr: str, field_margin_mm: float | None) -> None:
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    if bfr not in BFR_METHODS:
+        raise QSMInputError(f"unknown background-removal method {bfr!r}: use "
+                            f"{', '.join(BFR_METHODS)}")
+    if field_margin_mm is not None and not field_margin_mm >= 0:
+        raise QSMInputError(f"the field margin must be >= 0 mm, got {field_margin_mm}")
+
+
+def _map_phase_to_field(sample: Mapping[str, Any], mask: torch.Tensor | None, fm: FieldMapping,
+                        vs: torch.Tensor, field_margin_mm: float | None, device: torch.device,
+                        timings: dict[str, float], params: dict[str, Any]):
+    """Mask (automatic if none), field support and field mapping from phase.
+
+    Returns ``(mask, support, total, noise)``; fills the ``mask``, ``field_support`` and
+    ``field_mapping`` timings and the matching ``params``.
+    """
+    to_dev = _to_device_fn(device)
+    mag = sample.get("magnitude")
+    if mask is None:
+        if mag is None:
+            raise QSMInputError("no mask and no magnitude: give a mask or the magnitude "
+                                "images so an automatic mask can be made")
+        with _stage_timer(timings, "mask", device):
+            mask = BrainMask()(to_dev(mag), None, vs.tolist())
+        params["mask"] = "automatic (BrainMask, Otsu)"
+    else:
+        params["mask"] = "given"
+    support = mask
+    if field_margin_mm and mag is not None:
+        with _stage_timer(timings, "field_support"):
+            support = field_support_mask(mask, mag, vs.tolist(), float(field_margin_mm))
+    params["field_margin_mm"] = float(field_margin_mm or 0.0) if mag is not None else 0.0
+    params["support_rim_voxels"] = int((support & ~mask).sum())
+    with _stage_timer(timings, "field_mapping", device):
+        total, support, noise = fm(to_dev(sample["phase"]), None if mag is None else to_dev(mag),
+                                   sample["te_s"], float(sample["b0_t"]), support, vs.tolist())
+    return mask, support, total, noise
+
+
+def _remove_background_stage(sample: Mapping[str, Any], start: str, bfr: str,
+                             bfr_params: Mapping[str, Any] | None, total: torch.Tensor,
+                             support: torch.Tensor, mask: torch.Tensor, vs: torch.Tensor,
+                             b0: torch.Tensor, ref_index: int | None,
+                             max_phase_step_rad: float | None, device: torch.device,
+                             timings: dict[str, float], params: dict[str, Any]):
+    """Background removal (with the unreliable-phase handling from phase).
+
+    Returns ``(local, inv_mask, unreliable)``; fills the ``background_removal`` timing.
+    """
+    unreliable = None
+    with _stage_timer(timings, "background_removal", device):
+        kwargs = dict(bfr_params or {})
+        if start == "phase" and max_phase_step_rad:
+            te_ref = float(check_te_s(sample["te_s"])[ref_index])
+            unreliable = unreliable_phase_mask(total, support, te_ref, float(sample["b0_t"]),
+                                               max_phase_step_rad)
+            params["unreliable_voxels"] = int(unreliable.sum())
+            if bfr == "pdf" and "weights" not in kwargs:
+                kwargs["weights"] = (support & ~unreliable).to(total.dtype)
+        local, inv_mask = remove_background(bfr, total, support, tuple(vs.tolist()),
+                                            tuple(b0.tolist()), **kwargs)
+        if unreliable is not None:
+            local = reference_to_mask_mean(
+                fill_unreliable(local, inv_mask, unreliable & inv_mask, vs.tolist()), inv_mask)
+    if not bool((inv_mask & mask).any()):
+        raise QSMInputError(f"{bfr} eroded the whole mask: the brain mask is too small for "
+                            "this background-removal radius")
+    return local, inv_mask, unreliable
+
+
 def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "phase",
                 bfr: str = "pdf", device: str | torch.device = "cpu",
                 bfr_params: Mapping[str, Any] | None = None,
@@ -111,13 +201,7 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
         local or total field given as input always does: its values outside the mask are not
         known to be measured).
     """
-    if start not in STARTS:
-        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
-    if bfr not in BFR_METHODS:
-        raise QSMInputError(f"unknown background-removal method {bfr!r}: use "
-                            f"{', '.join(BFR_METHODS)}")
-    if field_margin_mm is not None and not field_margin_mm >= 0:
-        raise QSMInputError(f"the field margin must be >= 0 mm, got {field_margin_mm}")
+    _check_options(start, bfr, field_margin_mm)
     device = torch.device(device)
     vs = torch.as_tensor(sample["voxel_size_mm"], dtype=torch.float64).reshape(3)
     b0 = torch.as_tensor(sample["b0_dir"], dtype=torch.float64).reshape(3)
@@ -125,39 +209,15 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
     params: dict[str, Any] = {"start": start, "bfr": bfr, "device": str(device)}
     if inverter is None:
         inverter = make_inverter(method, device, after_bfr=start != "localfield")
-
-    def to_dev(x):
-        return torch.as_tensor(x).to(device=device, dtype=torch.float32)
+    to_dev = _to_device_fn(device)
 
     mask = sample.get("mask")
     mask = None if mask is None else torch.as_tensor(mask).to(device=device, dtype=torch.bool)
-    total = noise = None
+    total = noise = fm = None
     if start == "phase":
         fm = field_mapping if field_mapping is not None else FieldMapping()
-        t0 = time.perf_counter()
-        mag = sample.get("magnitude")
-        if mask is None:
-            if mag is None:
-                raise QSMInputError("no mask and no magnitude: give a mask or the magnitude "
-                                    "images so an automatic mask can be made")
-            mask = BrainMask()(to_dev(mag), None, vs.tolist())
-            _sync(device)
-            timings["mask"] = time.perf_counter() - t0
-            params["mask"] = "automatic (BrainMask, Otsu)"
-            t0 = time.perf_counter()
-        else:
-            params["mask"] = "given"
-        support = mask
-        if field_margin_mm and mag is not None:
-            support = field_support_mask(mask, mag, vs.tolist(), float(field_margin_mm))
-            timings["field_support"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        params["field_margin_mm"] = float(field_margin_mm or 0.0) if mag is not None else 0.0
-        params["support_rim_voxels"] = int((support & ~mask).sum())
-        total, support, noise = fm(to_dev(sample["phase"]), None if mag is None else to_dev(mag),
-                                   sample["te_s"], float(sample["b0_t"]), support, vs.tolist())
-        _sync(device)
-        timings["field_mapping"] = time.perf_counter() - t0
+        mask, support, total, noise = _map_phase_to_field(
+            sample, mask, fm, vs, field_margin_mm, device, timings, params)
     elif mask is None:
         raise QSMInputError(f"a mask is needed when starting from the {start}")
     else:
@@ -169,33 +229,16 @@ def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "p
     if start in ("phase", "totalfield"):
         if total is None:
             total = to_dev(sample["field_ppm"])
-        t0 = time.perf_counter()
-        kwargs = dict(bfr_params or {})
-        if start == "phase" and max_phase_step_rad:
-            te_ref = float(check_te_s(sample["te_s"])[fm.ref_index])
-            unreliable = unreliable_phase_mask(total, support, te_ref, float(sample["b0_t"]),
-                                               max_phase_step_rad)
-            params["unreliable_voxels"] = int(unreliable.sum())
-            if bfr == "pdf" and "weights" not in kwargs:
-                kwargs["weights"] = (support & ~unreliable).to(total.dtype)
-        local, inv_mask = remove_background(bfr, total, support, tuple(vs.tolist()),
-                                            tuple(b0.tolist()), **kwargs)
-        if unreliable is not None:
-            local = reference_to_mask_mean(
-                fill_unreliable(local, inv_mask, unreliable & inv_mask, vs.tolist()), inv_mask)
-        _sync(device)
-        timings["background_removal"] = time.perf_counter() - t0
-        if not bool((inv_mask & mask).any()):
-            raise QSMInputError(f"{bfr} eroded the whole mask: the brain mask is too small for "
-                                "this background-removal radius")
+        ref_index = fm.ref_index if fm is not None else None
+        local, inv_mask, unreliable = _remove_background_stage(
+            sample, start, bfr, bfr_params, total, support, mask, vs, b0, ref_index,
+            max_phase_step_rad, device, timings, params)
     else:
         local = to_dev(sample["local_field_ppm"]) * mask
         inv_mask = mask
 
-    t0 = time.perf_counter()
-    chi, chi_mask = invert_on_support(inverter, local, inv_mask, mask, vs, b0)
-    _sync(device)
-    timings["dipole_inversion"] = time.perf_counter() - t0
+    with _stage_timer(timings, "dipole_inversion", device):
+        chi, chi_mask = invert_on_support(inverter, local, inv_mask, mask, vs, b0)
     params["method"] = getattr(inverter, "name", None) or str(method)
     params["method_params"] = {k: v for k, v in getattr(inverter, "params", {}).items()
                                if k != "model_config"}

@@ -195,6 +195,51 @@ def default_name(path: Path) -> str:
     return name
 
 
+def _check_scan_arguments(te_s, b0_t, phase_sign: int):
+    """Checked ``(te_s, b0_t)``; refuses missing ones and a ``phase_sign`` other than +-1."""
+    if te_s is None:
+        raise QSMInputError("--te: echo times (s) are required for phase input")
+    if b0_t is None:
+        raise QSMInputError("--b0: field strength (T) is required for phase input")
+    if phase_sign not in (1, -1):
+        raise QSMInputError(f"--phase-sign: must be 1 or -1, got {phase_sign!r}")
+    return check_te_s(te_s, "--te"), check_b0_t(b0_t, "--b0")
+
+
+def _read_magnitude(magnitude_paths: PathOrPaths | None, phase, first: str):
+    """The magnitude echoes on the phase grid (same echo count), or None if not given."""
+    if magnitude_paths is None or not as_path_list(magnitude_paths):
+        return None
+    mag = load_echo_series(magnitude_paths, "magnitude")
+    mag_first = display_name(as_path_list(magnitude_paths)[0])
+    if mag.data.shape[0] != phase.data.shape[0]:
+        raise QSMInputError(f"{mag_first}: {mag.data.shape[0]} magnitude echo(es) but "
+                            f"{phase.data.shape[0]} phase echo(es)")
+    check_same_grid(mag.data.shape[1:], mag.affine, phase.data.shape[1:], phase.affine,
+                    mag_first, f"phase ({first})")
+    return mag.data
+
+
+def _resolve_voxel_size(voxel_size_mm: Sequence[float] | None, header, first: str) -> np.ndarray:
+    """The stated voxel size (checked; warned about if it differs from the header's) or the
+    header's."""
+    if voxel_size_mm is None:
+        return voxel_size_from_header(header, first)
+    voxel = np.asarray(voxel_size_mm, dtype=np.float64).reshape(-1)
+    if voxel.shape != (3,) or not np.all(np.isfinite(voxel)) or np.any(voxel <= 0):
+        raise QSMInputError(f"voxel size {list(voxel_size_mm)} must be 3 positive numbers (mm)")
+    try:
+        header_voxel = voxel_size_from_header(header, first)
+    except QSMInputError:  # the header has none worth comparing with
+        header_voxel = voxel
+    if np.max(np.abs(voxel - header_voxel)) > VOXEL_MISMATCH_MM:
+        # as the QSM-CI reader does: the stated size wins, but not silently
+        log.warning("voxel size %s (params.json voxel_size) differs from the header of %s "
+                    "(%s); using the stated one", voxel.tolist(), first,
+                    header_voxel.tolist())
+    return voxel
+
+
 def read_nifti_echoes(phase_paths: PathOrPaths, magnitude_paths: PathOrPaths | None = None,
                       te_s: float | Sequence[float] | None = None, b0_t: float | None = None,
                       b0_dir: Sequence[float] | None = None, mask_path: PathLike | None = None,
@@ -251,50 +296,20 @@ def read_nifti_echoes(phase_paths: PathOrPaths, magnitude_paths: PathOrPaths | N
         For every bad input, naming the file or argument.
     """
     plist = as_path_list(phase_paths)
-    if te_s is None:
-        raise QSMInputError("--te: echo times (s) are required for phase input")
-    if b0_t is None:
-        raise QSMInputError("--b0: field strength (T) is required for phase input")
-    if phase_sign not in (1, -1):
-        raise QSMInputError(f"--phase-sign: must be 1 or -1, got {phase_sign!r}")
-    te = check_te_s(te_s, "--te")
-    b0 = check_b0_t(b0_t, "--b0")
+    te, b0 = _check_scan_arguments(te_s, b0_t, phase_sign)
     phase = load_echo_series(plist, "phase", phase_units, min_extent)
     first = display_name(plist[0])
     if phase.data.shape[0] != len(te):
         raise QSMInputError(f"{first}: {phase.data.shape[0]} phase echo(es) but {len(te)} echo "
                             f"time(s) given ({list(te)})")
-    magnitude = None
-    if magnitude_paths is not None and as_path_list(magnitude_paths):
-        mag = load_echo_series(magnitude_paths, "magnitude")
-        mag_first = display_name(as_path_list(magnitude_paths)[0])
-        if mag.data.shape[0] != phase.data.shape[0]:
-            raise QSMInputError(f"{mag_first}: {mag.data.shape[0]} magnitude echo(es) but "
-                                f"{phase.data.shape[0]} phase echo(es)")
-        check_same_grid(mag.data.shape[1:], mag.affine, phase.data.shape[1:], phase.affine,
-                        mag_first, f"phase ({first})")
-        magnitude = mag.data
+    magnitude = _read_magnitude(magnitude_paths, phase, first)
     mask = None
     if mask_path is not None:
         mask = load_mask(mask_path, phase.data.shape[1:], phase.affine, f"phase ({first})",
                          mask_threshold, require_background)
     if magnitude is not None and decay_check:
         check_magnitude_decay(magnitude, te, series_name(as_path_list(magnitude_paths)), mask)
-    if voxel_size_mm is None:
-        voxel = voxel_size_from_header(phase.header, first)
-    else:
-        voxel = np.asarray(voxel_size_mm, dtype=np.float64).reshape(-1)
-        if voxel.shape != (3,) or not np.all(np.isfinite(voxel)) or np.any(voxel <= 0):
-            raise QSMInputError(f"voxel size {list(voxel_size_mm)} must be 3 positive numbers (mm)")
-        try:
-            header_voxel = voxel_size_from_header(phase.header, first)
-        except QSMInputError:  # the header has none worth comparing with
-            header_voxel = voxel
-        if np.max(np.abs(voxel - header_voxel)) > VOXEL_MISMATCH_MM:
-            # as the QSM-CI reader does: the stated size wins, but not silently
-            log.warning("voxel size %s (params.json voxel_size) differs from the header of %s "
-                        "(%s); using the stated one", voxel.tolist(), first,
-                        header_voxel.tolist())
+    voxel = _resolve_voxel_size(voxel_size_mm, phase.header, first)
     return Acquisition(
         phase=phase.data, magnitude=magnitude, mask=mask, te_s=te, b0_t=b0,
         b0_dir=resolve_b0_dir(b0_dir, phase.affine, "--b0-dir"), voxel_size_mm=voxel,

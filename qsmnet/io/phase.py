@@ -85,6 +85,45 @@ def _degree_range(vmin: float, vmax: float) -> tuple[int, int] | None:
     return None
 
 
+def _guess_units(name: str, vmin: float, vmax: float, is_int: bool, values: str
+                 ) -> tuple[str, str | None]:
+    """``(units, why)`` for phase not in [-pi, pi] under ``units="auto"``; refuses unclear ones."""
+    span = vmax - vmin
+    if not is_int and vmin >= -PHASE_RADIAN_TOL and vmax <= 2 * math.pi + PHASE_RADIAN_TOL \
+            and span >= PHASE_FILL_MIN * 2 * math.pi:
+        units, why = "rad", f"phase values {values} fill [0, 2*pi]: taken as radians"
+    else:
+        degrees = _degree_range(vmin, vmax)
+        lo, hi = integer_phase_range(vmin, vmax) if is_int else (0, 0)
+        deg_fill = span / 360.0
+        int_fill = span / (hi - lo) if hi > lo else 0.0
+        if degrees is not None and deg_fill >= PHASE_FILL_MIN:
+            units = "deg"
+            why = (f"phase values {values} fill the degree range [{degrees[0]}, "
+                   f"{degrees[1]}] ({100 * deg_fill:.0f} % of 360): taken as degrees")
+        elif is_int and hi - lo + 1 >= _INT_MIN_LEVELS and int_fill >= PHASE_FILL_MIN:
+            units, why = "int", None
+        elif is_int:
+            levels = hi - lo + 1
+            fills = [f"integer raw phase [{lo}, {hi}] ({100 * int_fill:.0f} %)"
+                     if levels >= _INT_MIN_LEVELS else
+                     f"integer raw phase (only {levels} levels in [{lo}, {hi}])"]
+            if degrees is not None:
+                fills.insert(0, f"degrees [{degrees[0]}, {degrees[1]}] "
+                                f"({100 * deg_fill:.0f} %)")
+            raise QSMInputError(
+                f"{name}: integer phase values span {values}, which is not in radians and "
+                f"fills no nominal range well ({' nor '.join(fills)}; wrapped phase fills "
+                f"over {100 * PHASE_FILL_MIN:.0f} %), so its units are unclear; "
+                f"{_OVERRIDE}")
+        else:
+            raise QSMInputError(
+                f"{name}: phase values span {values}, which is not in radians ([-pi, pi]), "
+                "nor degrees filling [-180, 180] or [0, 360], nor integer raw phase; "
+                f"rescale it to radians first, or {_OVERRIDE}")
+    return units, why
+
+
 def phase_to_radians(phase: np.ndarray, name: str = "phase", units: str = "auto"
                      ) -> tuple[np.ndarray, str | None]:
     """Return phase in radians, converting degrees and integer raw phase.
@@ -130,7 +169,6 @@ def phase_to_radians(phase: np.ndarray, name: str = "phase", units: str = "auto"
     if not np.all(np.isfinite(arr)):
         raise QSMInputError(f"{name}: phase has NaN or infinite values")
     vmin, vmax = float(arr.min()), float(arr.max())
-    span = vmax - vmin
     in_radians = vmin >= -math.pi - PHASE_RADIAN_TOL and vmax <= math.pi + PHASE_RADIAN_TOL
     is_int = bool(np.all(arr == np.round(arr)))
     values = f"[{vmin:.4g}, {vmax:.4g}]"
@@ -139,38 +177,7 @@ def phase_to_radians(phase: np.ndarray, name: str = "phase", units: str = "auto"
     if units == "auto":
         if in_radians:
             return arr.astype(np.float32, copy=False), None
-        if not is_int and vmin >= -PHASE_RADIAN_TOL and vmax <= 2 * math.pi + PHASE_RADIAN_TOL \
-                and span >= PHASE_FILL_MIN * 2 * math.pi:
-            units, why = "rad", f"phase values {values} fill [0, 2*pi]: taken as radians"
-        else:
-            degrees = _degree_range(vmin, vmax)
-            lo, hi = integer_phase_range(vmin, vmax) if is_int else (0, 0)
-            deg_fill = span / 360.0
-            int_fill = span / (hi - lo) if hi > lo else 0.0
-            if degrees is not None and deg_fill >= PHASE_FILL_MIN:
-                units = "deg"
-                why = (f"phase values {values} fill the degree range [{degrees[0]}, "
-                       f"{degrees[1]}] ({100 * deg_fill:.0f} % of 360): taken as degrees")
-            elif is_int and hi - lo + 1 >= _INT_MIN_LEVELS and int_fill >= PHASE_FILL_MIN:
-                units, why = "int", None
-            elif is_int:
-                levels = hi - lo + 1
-                fills = [f"integer raw phase [{lo}, {hi}] ({100 * int_fill:.0f} %)"
-                         if levels >= _INT_MIN_LEVELS else
-                         f"integer raw phase (only {levels} levels in [{lo}, {hi}])"]
-                if degrees is not None:
-                    fills.insert(0, f"degrees [{degrees[0]}, {degrees[1]}] "
-                                    f"({100 * deg_fill:.0f} %)")
-                raise QSMInputError(
-                    f"{name}: integer phase values span {values}, which is not in radians and "
-                    f"fills no nominal range well ({' nor '.join(fills)}; wrapped phase fills "
-                    f"over {100 * PHASE_FILL_MIN:.0f} %), so its units are unclear; "
-                    f"{_OVERRIDE}")
-            else:
-                raise QSMInputError(
-                    f"{name}: phase values span {values}, which is not in radians ([-pi, pi]), "
-                    "nor degrees filling [-180, 180] or [0, 360], nor integer raw phase; "
-                    f"rescale it to radians first, or {_OVERRIDE}")
+        units, why = _guess_units(name, vmin, vmax, is_int, values)
     else:
         why = f"phase taken as {dict(rad='radians', deg='degrees', int='integers')[units]} " \
               "(--phase-units)"

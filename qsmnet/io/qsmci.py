@@ -171,6 +171,18 @@ def _load_field(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
     return check_volume_3d(data, path.name).astype(np.float32, copy=False), affine, header
 
 
+def _resolve_voxel_size(params, header, primary: str):
+    """params.json's voxel size (warned about if it differs from the header's) or the header's."""
+    header_voxel = voxel_size_from_header(header, primary)
+    voxel = header_voxel
+    if params.voxel_size_mm is not None:
+        voxel = params.voxel_size_mm
+        if np.max(np.abs(voxel - header_voxel)) > VOXEL_MISMATCH_MM:
+            log.warning("params.json: voxel_size %s differs from the header of %s (%s); "
+                        "using params.json", voxel.tolist(), primary, header_voxel.tolist())
+    return voxel
+
+
 def read_qsmci_inputs(in_dir: str | os.PathLike, stage: str, phase_sign: int = 1,
                       phase_units: str = "auto", mask_threshold: float | None = None,
                       decay_check: bool = True, min_extent: int = 2,
@@ -242,13 +254,7 @@ def read_qsmci_inputs(in_dir: str | os.PathLike, stage: str, phase_sign: int = 1
                      "give a brain mask (0 outside the brain)")
     if found.get("magnitude") is not None and decay_check:
         check_magnitude_decay(found["magnitude"], params.te_s, "magnitude.nii.gz", mask)
-    header_voxel = voxel_size_from_header(header, primary)
-    voxel = header_voxel
-    if params.voxel_size_mm is not None:
-        voxel = params.voxel_size_mm
-        if np.max(np.abs(voxel - header_voxel)) > VOXEL_MISMATCH_MM:
-            log.warning("params.json: voxel_size %s differs from the header of %s (%s); "
-                        "using params.json", voxel.tolist(), primary, header_voxel.tolist())
+    voxel = _resolve_voxel_size(params, header, primary)
     b0_dir = resolve_b0_dir(params.b0_dir, affine, "params.json B0_dir")
     return QSMCIInputs(stage=stage, in_dir=d, mask=mask, affine=affine, header=header,
                        te_s=params.te_s, b0_t=params.b0_t, b0_dir=b0_dir, voxel_size_mm=voxel,

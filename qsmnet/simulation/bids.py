@@ -40,7 +40,7 @@ from qsmnet.io.atomic import atomic_write_json
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.nifti import save_nifti
 from qsmnet.physics.geometry import affine_from_b0_dir, normalize_b0_dir
-from qsmnet.simulation.config import SimulationConfig, make_config
+from qsmnet.simulation.config import MIN_SIMULATED_VOXELS, SimulationConfig, make_config
 from qsmnet.simulation.simulator import QSMSimulator
 
 DERIVATIVE_NAME = "qsmnet-simulation"
@@ -92,8 +92,9 @@ def _check_args(subject: str, shape, voxel_size_mm, b0_dir, b0_t, te_s, peak_snr
         te = tuple(float(t) for t in te_s)
     except (TypeError, ValueError) as exc:
         raise QSMInputError(f"shape, voxel_size_mm and te_s must be numbers: {exc}") from exc
-    if len(shape) != 3 or min(shape) < 16:
-        raise QSMInputError(f"shape must be 3 sizes of at least 16 voxels, got {shape}")
+    if len(shape) != 3 or min(shape) < MIN_SIMULATED_VOXELS:
+        raise QSMInputError(f"shape must be 3 sizes of at least {MIN_SIMULATED_VOXELS} voxels, "
+                            f"got {shape}")
     if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
         raise QSMInputError(f"voxel_size_mm must be 3 positive sizes in mm, got {vs}")
     try:
@@ -109,6 +110,60 @@ def _check_args(subject: str, shape, voxel_size_mm, b0_dir, b0_t, te_s, peak_snr
     if peak_snr is not None and not (float(peak_snr) > 0):
         raise QSMInputError(f"peak_snr must be positive (or None / inf for no noise), got {peak_snr}")
     return label, shape, vs, b0, te
+
+
+def _arr(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def _write_echoes(written: dict[str, Any], anat: Path, label: str, te, sample, affine, header,
+                  b0_t: float, b0_list: list[float]) -> None:
+    """Write the magnitude and phase NIfTI of each echo with their sidecars into ``written``."""
+    for e, t in enumerate(te, start=1):
+        stem = anat / f"sub-{label}_echo-{e}"
+        for part, key, data in (("mag", "magnitude", sample["magnitude"][e - 1]),
+                                ("phase", "phase", sample["phase"][e - 1])):
+            nii = Path(f"{stem}_part-{part}_MEGRE.nii.gz")
+            written[key].append(save_nifti(nii, _arr(data), affine, header=header))
+            side: dict[str, Any] = {
+                "EchoTime": float(t), "EchoNumber": e, "MagneticFieldStrength": float(b0_t),
+                "B0_dir": b0_list,
+                "ImageType": ["ORIGINAL", "PRIMARY", "P" if part == "phase" else "M"],
+            }
+            if part == "phase":
+                side["Units"] = "rad"
+            written[f"{key}_json"].append(atomic_write_json(nii.with_name(nii.name[:-7] + ".json"), side))
+
+
+def _write_truths(written: dict[str, Any], root: Path, label: str, sample, info, affine, header,
+                  seed, shape, vs, b0_list: list[float], b0_t, te, peak_snr) -> None:
+    """Write the derivative truths (chi, mask, fields, simulation sidecar) into ``written``."""
+    deriv = root / "derivatives" / DERIVATIVE_NAME
+    written["derivatives_description"] = atomic_write_json(deriv / "dataset_description.json", {
+        "Name": "qsmnet simulation truths", "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "qsmnet.simulation", "Description": "write_simulated_subject"}],
+    })
+    danat = deriv / f"sub-{label}" / "anat"
+    mask = sample["mask"][0]
+    total = info["local_field_clean_ppm"] + sample["background_field_ppm"][0]
+    written["chi"] = save_nifti(danat / f"sub-{label}_Chimap.nii.gz", _arr(sample["chi_ppm"][0]),
+                                affine, header=header)
+    written["mask"] = save_nifti(danat / f"sub-{label}_mask.nii.gz", _arr(mask).astype(np.uint8),
+                                 affine, header=header, dtype=np.uint8)
+    written["localfield"] = save_nifti(danat / f"sub-{label}_localfield.nii.gz",
+                                       _arr(info["local_field_clean_ppm"]), affine, header=header)
+    written["totalfield"] = save_nifti(danat / f"sub-{label}_totalfield.nii.gz", _arr(total),
+                                       affine, header=header)
+    written["simulation_json"] = atomic_write_json(danat / f"sub-{label}_simulation.json", {
+        "seed": int(seed), "shape": list(shape), "voxel_size": list(vs), "B0_dir": b0_list,
+        "B0": float(b0_t), "TE": list(te),
+        "peak_snr": None if peak_snr is None or not math.isfinite(float(peak_snr)) else float(peak_snr),
+        "noise_sigma": float(info["signal_sigma"]),
+        "n_strong_sources": int(info["n_strong"]),
+        "chi_reference": "CSF (zero outside the mask); localfield = forward_field(Chimap) * mask",
+        "units": {"Chimap": "ppm", "localfield": "ppm", "totalfield": "ppm", "phase": "rad"},
+    })
 
 
 def write_simulated_subject(out_dir: str | os.PathLike, subject: str = "01", seed: int = 0,
@@ -155,56 +210,15 @@ def write_simulated_subject(out_dir: str | os.PathLike, subject: str = "01", see
     header["qform_code"] = 1
     header["sform_code"] = 1
 
-    def arr(t: torch.Tensor) -> np.ndarray:
-        return t.detach().to("cpu", torch.float32).numpy()
-
     written: dict[str, Any] = {"magnitude": [], "phase": [], "magnitude_json": [], "phase_json": []}
     written["dataset_description"] = atomic_write_json(root / "dataset_description.json", {
         "Name": "qsmnet simulated multi-echo GRE", "BIDSVersion": BIDS_VERSION,
         "DatasetType": "raw",
         "GeneratedBy": [{"Name": "qsmnet.simulation", "Description": "write_simulated_subject"}],
     })
-    anat = root / f"sub-{label}" / "anat"
     b0_list = [float(v) for v in b0]
-    for e, t in enumerate(te, start=1):
-        stem = anat / f"sub-{label}_echo-{e}"
-        for part, key, data in (("mag", "magnitude", sample["magnitude"][e - 1]),
-                                ("phase", "phase", sample["phase"][e - 1])):
-            nii = Path(f"{stem}_part-{part}_MEGRE.nii.gz")
-            written[key].append(save_nifti(nii, arr(data), affine, header=header))
-            side: dict[str, Any] = {
-                "EchoTime": float(t), "EchoNumber": e, "MagneticFieldStrength": float(b0_t),
-                "B0_dir": b0_list,
-                "ImageType": ["ORIGINAL", "PRIMARY", "P" if part == "phase" else "M"],
-            }
-            if part == "phase":
-                side["Units"] = "rad"
-            written[f"{key}_json"].append(atomic_write_json(nii.with_name(nii.name[:-7] + ".json"), side))
-
-    deriv = root / "derivatives" / DERIVATIVE_NAME
-    written["derivatives_description"] = atomic_write_json(deriv / "dataset_description.json", {
-        "Name": "qsmnet simulation truths", "BIDSVersion": BIDS_VERSION,
-        "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "qsmnet.simulation", "Description": "write_simulated_subject"}],
-    })
-    danat = deriv / f"sub-{label}" / "anat"
-    mask = sample["mask"][0]
-    total = info["local_field_clean_ppm"] + sample["background_field_ppm"][0]
-    written["chi"] = save_nifti(danat / f"sub-{label}_Chimap.nii.gz", arr(sample["chi_ppm"][0]),
-                                affine, header=header)
-    written["mask"] = save_nifti(danat / f"sub-{label}_mask.nii.gz", arr(mask).astype(np.uint8),
-                                 affine, header=header, dtype=np.uint8)
-    written["localfield"] = save_nifti(danat / f"sub-{label}_localfield.nii.gz",
-                                       arr(info["local_field_clean_ppm"]), affine, header=header)
-    written["totalfield"] = save_nifti(danat / f"sub-{label}_totalfield.nii.gz", arr(total),
-                                       affine, header=header)
-    written["simulation_json"] = atomic_write_json(danat / f"sub-{label}_simulation.json", {
-        "seed": int(seed), "shape": list(shape), "voxel_size": list(vs), "B0_dir": b0_list,
-        "B0": float(b0_t), "TE": list(te),
-        "peak_snr": None if peak_snr is None or not math.isfinite(float(peak_snr)) else float(peak_snr),
-        "noise_sigma": float(info["signal_sigma"]),
-        "n_strong_sources": int(info["n_strong"]),
-        "chi_reference": "CSF (zero outside the mask); localfield = forward_field(Chimap) * mask",
-        "units": {"Chimap": "ppm", "localfield": "ppm", "totalfield": "ppm", "phase": "rad"},
-    })
+    _write_echoes(written, root / f"sub-{label}" / "anat", label, te, sample, affine, header,
+                  float(b0_t), b0_list)
+    _write_truths(written, root, label, sample, info, affine, header, seed, shape, vs, b0_list,
+                  b0_t, te, peak_snr)
     return written

@@ -16,6 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+#: Fewest voxels per axis of a simulated subject (``qsmnet simulate``): the head phantom's
+#: skull, CSF and brain need this room (a volume predict accepts, ``MIN_EXTENT_VOXELS``, may be
+#: thinner)
+MIN_SIMULATED_VOXELS = 16
+
 Range = tuple[float, float]
 
 

@@ -12,7 +12,7 @@ Susceptibility values are in ppm relative to CSF (water); air is +9.4 ppm, corti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +102,67 @@ def _tube(x, y, z, points: np.ndarray, radius_mm: float) -> np.ndarray:
     return out
 
 
+def _paint_structures(put: Callable, x, y, z, brain_semi: np.ndarray,
+                      rng: np.random.Generator, jit: Callable) -> None:
+    """Paint ventricles, deep grey matter, veins, a calcification and a microbleed with ``put``."""
+    # Lateral ventricles (CSF), midline.
+    for side in (-1, 1):
+        put(_ellipsoid(x, y, z, (side * 9.0, 4.0, 18.0), (6, 24, 7), _rot_z(side * 8)) <= 1, "csf")
+    # Deep grey matter, paired.
+    for side in (-1, 1):
+        put(_ellipsoid(x, y, z, (side * 13.0, 16.0, 14.0), (5, 10, 7)) <= 1, "caudate")
+        put(_ellipsoid(x, y, z, (side * 25.0, 6.0, 4.0), (6, 15, 9), _rot_z(side * 10)) <= 1,
+            "putamen")
+        put(_ellipsoid(x, y, z, (side * 18.5, 4.0, 2.0), (4, 9, 6), _rot_z(side * 10)) <= 1,
+            "globus_pallidus")
+        put(_ellipsoid(x, y, z, (side * 10.0, -10.0, 8.0), (8, 12, 8)) <= 1, "thalamus")
+        put(_ellipsoid(x, y, z, (side * 9.0, -10.0, -12.0), (5, 8, 3), _rot_z(side * 25)) <= 1,
+            "substantia_nigra")
+        put(_ellipsoid(x, y, z, (side * 5.0, -13.0, -8.0), (3, 3, 3)) <= 1, "red_nucleus")
+        put(_ellipsoid(x, y, z, (side * 14.0, -52.0, -30.0), (6, 7, 5), _rot_z(side * 30)) <= 1,
+            "dentate")
+    # Veins: superior sagittal sinus along the top midline, straight sinus, cortical veins.
+    top = brain_semi[2] + 6.0
+    sss = np.array([[0, 70, top - 30], [0, 40, top - 6], [0, 0, top], [0, -40, top - 6],
+                    [0, -70, top - 28], [0, -82, -5]])
+    put(_tube(x, y, z, sss, 3.0 * jit(0.1)), "vein")
+    put(_tube(x, y, z, np.array([[0, -20, 12], [0, -50, 22], [0, -75, 0]]), 2.0), "vein")
+    for _ in range(6):
+        a = rng.uniform(0, 2 * np.pi)
+        el = rng.uniform(0.1, 1.0)
+        direction = np.array([np.cos(a) * np.cos(el), np.sin(a) * np.cos(el), np.sin(el)])
+        start = direction * brain_semi * 0.55
+        end = direction * brain_semi * 0.97
+        mid = (start + end) / 2 + rng.normal(0, 4, 3)
+        put(_tube(x, y, z, np.stack([start, mid, end]), rng.uniform(0.8, 1.4)), "vein")
+    # One calcification and one microbleed.
+    put(_ellipsoid(x, y, z, (-30.0, 30.0, 20.0), (3, 3, 3)) <= 1, "calcification")
+    put(_ellipsoid(x, y, z, (32.0, -30.0, 25.0), (2, 2, 2)) <= 1, "microbleed")
+
+
+def _tissue_maps(seg: np.ndarray, shape: tuple[int, ...], vs: np.ndarray,
+                 rng: np.random.Generator, jit: Callable
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(chi, m0, r2s)`` per tissue label (jittered), with fine texture in grey and white
+    matter."""
+    chi = np.zeros(shape)
+    m0 = np.zeros(shape)
+    r2s = np.zeros(shape)
+    for name, (c, m, r2) in _TISSUE.items():
+        sel = seg == LABELS[name]
+        if name not in ("air", "sinus_air", "csf"):
+            c = c * jit(0.1)
+        chi[sel], m0[sel], r2s[sel] = c, m, r2
+
+    # Fine texture in grey and white matter (smooth, +-0.01 ppm), in mm so the grid does not matter.
+    tissue = (seg == LABELS["grey_matter"]) | (seg == LABELS["white_matter"])
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=2.0 / vs)
+    noise *= 0.01 / (noise[tissue].std() + 1e-12)
+    chi[tissue] += noise[tissue]
+
+    return chi, m0, r2s
+
+
 def head_phantom(shape: Sequence[int] | None = None,
                  voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
                  seed: int = 0, scale: float = 1.0) -> HeadPhantom:
@@ -163,39 +224,7 @@ def head_phantom(shape: Sequence[int] | None = None,
     def put(mask, name):
         seg[np.broadcast_to(mask, shape) & np.broadcast_to(brain, shape)] = LABELS[name]
 
-    # Lateral ventricles (CSF), midline.
-    for side in (-1, 1):
-        put(_ellipsoid(x, y, z, (side * 9.0, 4.0, 18.0), (6, 24, 7), _rot_z(side * 8)) <= 1, "csf")
-    # Deep grey matter, paired.
-    for side in (-1, 1):
-        put(_ellipsoid(x, y, z, (side * 13.0, 16.0, 14.0), (5, 10, 7)) <= 1, "caudate")
-        put(_ellipsoid(x, y, z, (side * 25.0, 6.0, 4.0), (6, 15, 9), _rot_z(side * 10)) <= 1,
-            "putamen")
-        put(_ellipsoid(x, y, z, (side * 18.5, 4.0, 2.0), (4, 9, 6), _rot_z(side * 10)) <= 1,
-            "globus_pallidus")
-        put(_ellipsoid(x, y, z, (side * 10.0, -10.0, 8.0), (8, 12, 8)) <= 1, "thalamus")
-        put(_ellipsoid(x, y, z, (side * 9.0, -10.0, -12.0), (5, 8, 3), _rot_z(side * 25)) <= 1,
-            "substantia_nigra")
-        put(_ellipsoid(x, y, z, (side * 5.0, -13.0, -8.0), (3, 3, 3)) <= 1, "red_nucleus")
-        put(_ellipsoid(x, y, z, (side * 14.0, -52.0, -30.0), (6, 7, 5), _rot_z(side * 30)) <= 1,
-            "dentate")
-    # Veins: superior sagittal sinus along the top midline, straight sinus, cortical veins.
-    top = brain_semi[2] + 6.0
-    sss = np.array([[0, 70, top - 30], [0, 40, top - 6], [0, 0, top], [0, -40, top - 6],
-                    [0, -70, top - 28], [0, -82, -5]])
-    put(_tube(x, y, z, sss, 3.0 * jit(0.1)), "vein")
-    put(_tube(x, y, z, np.array([[0, -20, 12], [0, -50, 22], [0, -75, 0]]), 2.0), "vein")
-    for _ in range(6):
-        a = rng.uniform(0, 2 * np.pi)
-        el = rng.uniform(0.1, 1.0)
-        direction = np.array([np.cos(a) * np.cos(el), np.sin(a) * np.cos(el), np.sin(el)])
-        start = direction * brain_semi * 0.55
-        end = direction * brain_semi * 0.97
-        mid = (start + end) / 2 + rng.normal(0, 4, 3)
-        put(_tube(x, y, z, np.stack([start, mid, end]), rng.uniform(0.8, 1.4)), "vein")
-    # One calcification and one microbleed.
-    put(_ellipsoid(x, y, z, (-30.0, 30.0, 20.0), (3, 3, 3)) <= 1, "calcification")
-    put(_ellipsoid(x, y, z, (32.0, -30.0, 25.0), (2, 2, 2)) <= 1, "microbleed")
+    _paint_structures(put, x, y, z, brain_semi, rng, jit)
     # Air: frontal and sphenoid sinuses, ear canals (outside the brain, inside the head).
     air_in_head = (
         (_ellipsoid(x, y, z, (0, 90.0, -30.0), (14, 8, 10)) <= 1)
@@ -205,21 +234,7 @@ def head_phantom(shape: Sequence[int] | None = None,
     air_in_head = np.broadcast_to(air_in_head, shape) & ~np.broadcast_to(brain, shape)
     seg[air_in_head] = LABELS["sinus_air"]
 
-    chi = np.zeros(shape)
-    m0 = np.zeros(shape)
-    r2s = np.zeros(shape)
-    for name, (c, m, r2) in _TISSUE.items():
-        sel = seg == LABELS[name]
-        if name not in ("air", "sinus_air", "csf"):
-            c = c * jit(0.1)
-        chi[sel], m0[sel], r2s[sel] = c, m, r2
-
-    # Fine texture in grey and white matter (smooth, +-0.01 ppm), in mm so the grid does not matter.
-    tissue = (seg == LABELS["grey_matter"]) | (seg == LABELS["white_matter"])
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=2.0 / vs)
-    noise *= 0.01 / (noise[tissue].std() + 1e-12)
-    chi[tissue] += noise[tissue]
-
+    chi, m0, r2s = _tissue_maps(seg, shape, vs, rng, jit)
     brain_mask = np.broadcast_to(brain, shape).copy()
     return HeadPhantom(chi_ppm=chi, brain_mask=brain_mask, seg=seg, m0=m0, r2star_hz=r2s,
                        voxel_size_mm=tuple(float(v) for v in vs),

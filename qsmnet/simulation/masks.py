@@ -70,6 +70,57 @@ def ellipsoid_distance(ax: torch.Tensor, ay: torch.Tensor, az: torch.Tensor,
     return (q2 - q) * torch.rsqrt(g2)
 
 
+def _full_head(shape: tuple[int, ...], dev: torch.device, with_background: bool) -> Head:
+    """The head whose mask is the whole grid (brain everywhere, no background)."""
+    mask = torch.ones(shape, dtype=torch.bool, device=dev)
+    if not with_background:
+        return Head(mask=mask, labels=None, chi_background=None, distance_mm=None, full=True)
+    return Head(mask=mask, labels=torch.full(shape, BRAIN, dtype=torch.uint8, device=dev),
+                chi_background=torch.zeros(shape, device=dev),
+                distance_mm=torch.full(shape, -1e3, device=dev), full=True)
+
+
+def _main_ellipsoid_mask(main: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dist, mask)`` of the main ellipsoid alone; one voxel when it holds none."""
+    dist = main
+    mask = dist <= 0
+    if int(mask.sum()) == 0:
+        # Degenerate geometry (radii below a voxel): keep the voxel nearest the centre.
+        flat = torch.argmin(dist.reshape(-1))
+        mask.reshape(-1)[flat] = True
+        dist = dist - dist.reshape(-1)[flat]
+    return dist, mask
+
+
+def _add_air_pockets(chi_bg: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                     idx: torch.Tensor, blob_u: torch.Tensor,
+                     axes: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     voxel_size_mm: Sequence[float], cfg, air_ppm: float) -> torch.Tensor:
+    """Paint air pockets centred at the flat voxel indices ``idx``, outside ``mask``.
+
+    Returns the new background chi; sets ``labels`` to AIR in the pockets (in place).
+    """
+    shape = tuple(int(a.numel()) for a in axes)
+    dev = axes[0].device
+    nx, ny, nz = shape
+    pts = torch.stack([torch.div(idx, ny * nz, rounding_mode="floor"),
+                       torch.div(idx, nz, rounding_mode="floor") % ny, idx % nz], 1)
+    packed = torch.cat([pts.to(torch.float64), blob_u], 1).cpu().tolist()
+    shapes = []
+    for row in packed:
+        c = [(row[i] - (shape[i] - 1) / 2.0) * float(voxel_size_mm[i]) for i in range(3)]
+        r = [lerp(row[3 + i], cfg.air_blob_radius_mm) for i in range(3)]
+        q = [row[6] - 0.5, row[7] - 0.5, row[8] - 0.5, row[9] - 0.5]
+        shapes.append(Shape(ELLIPSOID, tuple(c), tuple(r), quat_to_rot(q), 1.0))
+    pocket = torch.zeros(shape, device=dev)
+    edge = float(cfg.edge_voxels) * min(float(v) for v in voxel_size_mm)
+    paint_shapes(pocket, shapes, voxel_size_mm, edge, mode="over", axes=axes)
+    pocket = pocket * (~mask)
+    chi_bg = chi_bg + pocket * (air_ppm - chi_bg)
+    labels[(pocket > 0.5) & ~mask] = AIR
+    return chi_bg
+
+
 def random_head(g: torch.Generator, axes: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                 voxel_size_mm: Sequence[float], cfg, perturbation: torch.Tensor,
                 with_background: bool = True) -> Head:
@@ -95,12 +146,7 @@ def random_head(g: torch.Generator, axes: tuple[torch.Tensor, torch.Tensor, torc
                         dtype=torch.float64).cpu().tolist()
 
     if u[0] < cfg.full_mask_prob:
-        mask = torch.ones(shape, dtype=torch.bool, device=dev)
-        if not with_background:
-            return Head(mask=mask, labels=None, chi_background=None, distance_mm=None, full=True)
-        return Head(mask=mask, labels=torch.full(shape, BRAIN, dtype=torch.uint8, device=dev),
-                    chi_background=torch.zeros(shape, device=dev),
-                    distance_mm=torch.full(shape, -1e3, device=dev), full=True)
+        return _full_head(shape, dev, with_background)
 
     frac = lerp(u[1], cfg.mask_radius_frac)
     j = float(cfg.mask_axis_jitter)
@@ -124,13 +170,7 @@ def random_head(g: torch.Generator, axes: tuple[torch.Tensor, torch.Tensor, torc
     mask = dist <= 0
     n_vox = mask.numel()
     if int(mask.sum()) < cfg.mask_min_fraction * n_vox:
-        dist = main
-        mask = dist <= 0
-        if int(mask.sum()) == 0:
-            # Degenerate geometry (radii below a voxel): keep the voxel nearest the centre.
-            flat = torch.argmin(dist.reshape(-1))
-            mask.reshape(-1)[flat] = True
-            dist = dist - dist.reshape(-1)[flat]
+        dist, mask = _main_ellipsoid_mask(main)
 
     # Layers outside the mask, by distance (mm).
     csf = lerp(u[22], cfg.csf_mm)
@@ -157,23 +197,8 @@ def random_head(g: torch.Generator, axes: tuple[torch.Tensor, torch.Tensor, torc
 
     # Sinus / ear-canal air pockets: ellipsoids centred outside the mask, never inside it.
     if n_blobs:
-        idx = blob_idx
-        nx, ny, nz = shape
-        pts = torch.stack([torch.div(idx, ny * nz, rounding_mode="floor"),
-                           torch.div(idx, nz, rounding_mode="floor") % ny, idx % nz], 1)
-        packed = torch.cat([pts.to(torch.float64), blob_u], 1).cpu().tolist()
-        shapes = []
-        for row in packed:
-            c = [(row[i] - (shape[i] - 1) / 2.0) * float(voxel_size_mm[i]) for i in range(3)]
-            r = [lerp(row[3 + i], cfg.air_blob_radius_mm) for i in range(3)]
-            q = [row[6] - 0.5, row[7] - 0.5, row[8] - 0.5, row[9] - 0.5]
-            shapes.append(Shape(ELLIPSOID, tuple(c), tuple(r), quat_to_rot(q), 1.0))
-        pocket = torch.zeros(shape, device=dev)
-        edge = float(cfg.edge_voxels) * min(float(v) for v in voxel_size_mm)
-        paint_shapes(pocket, shapes, voxel_size_mm, edge, mode="over", axes=axes)
-        pocket = pocket * (~mask)
-        chi_bg = chi_bg + pocket * (air_ppm - chi_bg)
-        labels[(pocket > 0.5) & ~mask] = AIR
+        chi_bg = _add_air_pockets(chi_bg, labels, mask, blob_idx, blob_u, axes, voxel_size_mm,
+                                  cfg, air_ppm)
     chi_bg = chi_bg * (~mask)
     return Head(mask=mask, labels=labels, chi_background=chi_bg, distance_mm=dist, full=False)
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
 
 import torch
 
@@ -75,6 +76,74 @@ def _shape3(shape: Shape3) -> tuple[int, int, int]:
     return s  # type: ignore[return-value]
 
 
+#: Uniform numbers drawn per sample for the per-sample decisions (one device-to-host copy); the
+#: first ones are named in :class:`_SampleDraws`, the rest are spare (still drawn, so that the
+#: random stream after them, and so every sample, stays the same).
+_N_UNIFORMS = 64
+_N_GEOMETRY = 8  # the numbers :meth:`QSMSimulator.draw_geometry` takes
+
+
+@dataclass(frozen=True)
+class _SampleDraws:
+    """The per-sample uniform [0, 1) numbers by name, in the order they are drawn."""
+
+    geometry: tuple[float, ...]  # voxel size (5), axial or tilted (1), tilt direction (2)
+    b0_t: float                  # field strength (index into cfg.b0_t_choices)
+    te_first: float              # first echo time
+    te_spacing: float            # echo spacing
+    noise_free: float            # >= cfg.noise_free_prob: a noisy sample
+    snr: float
+    smooth_sigma: float          # scale of the smooth tissue texture
+    fine_lo: float               # the two band edges of the fine texture (sorted)
+    fine_hi: float
+    tissue_base: float           # base tissue chi
+    n_shapes: float
+    smooth_ppm: float            # amplitude of the smooth tissue texture
+    n_vessels: float
+    vessel_curvature: float
+    fine_ppm: float              # amplitude of the fine texture
+    strong: float                # < cfg.strong_prob: strong sources
+    n_strong: float
+    chi_scale_on: float          # < cfg.chi_scale_prob: scale chi
+    chi_scale: float
+    n_distant: float             # distant air / bone spheres
+    shim: float                  # shim residual amplitude
+
+    @classmethod
+    def take(cls, g: torch.Generator) -> _SampleDraws:
+        """Draw the numbers from ``g`` (``_N_UNIFORMS`` of them) and name them."""
+        u = scalars(g, _N_UNIFORMS)
+        names = [f.name for f in fields(cls)][1:]
+        return cls(tuple(u[:_N_GEOMETRY]), **dict(zip(names, u[_N_GEOMETRY:])))
+
+
+assert _N_GEOMETRY + len(fields(_SampleDraws)) - 1 <= _N_UNIFORMS
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """The sample's grid: shape, voxel size (mm), B0 direction and derived extents."""
+
+    shape: tuple[int, int, int]
+    vs: tuple[float, float, float]
+    b0: tuple[float, float, float]
+    device: torch.device
+    axes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # voxel-centre coordinates, mm
+    half: list[float]            # half extent per axis, mm
+    half_diag: float             # half diagonal of the patch, mm
+    vmin: float                  # smallest voxel size, mm
+    edge: float                  # soft edge width of painted shapes, mm
+
+
+class _Echo(NamedTuple):
+    """Field strength, echo times, and the noise decision of one sample."""
+
+    b0_t: float
+    te: list[float]
+    noisy: bool
+    snr: float
+
+
 class QSMSimulator:
     """Random QSM training samples (see the module docstring for the sample format).
 
@@ -101,22 +170,257 @@ class QSMSimulator:
     # ------------------------------------------------------------------ geometry
     def draw_geometry(self, u: Sequence[float]) -> tuple[tuple[float, float, float],
                                                          tuple[float, float, float]]:
-        """Voxel size (mm) and B0 direction from 8 uniform numbers (or the fixed values)."""
+        """Voxel size (mm) and B0 direction from 8 uniform numbers (or the fixed values).
+
+        The 8 numbers are, in order: 5 for the voxel size (:func:`sample_voxel_size`), 1 for the
+        axial-or-tilted choice and 2 for the tilted direction (:func:`cap_direction`).
+        """
         cfg = self.config
+        u_voxel, u_axial, u_tilt = u[0:5], u[5], u[6:8]
         if cfg.voxel_size_mm is not None:
             vs = tuple(float(v) for v in cfg.voxel_size_mm)
         else:
-            vs = sample_voxel_size(u[0:5], cfg.voxel_size_range_mm, cfg.isotropic_prob,
+            vs = sample_voxel_size(u_voxel, cfg.voxel_size_range_mm, cfg.isotropic_prob,
                                    cfg.inplane_iso_prob)
         if cfg.b0_dir is not None:
             b = [float(v) for v in cfg.b0_dir]
             n = math.sqrt(sum(v * v for v in b))
             b0 = (b[0] / n, b[1] / n, b[2] / n)
-        elif u[5] < cfg.axial_prob:
+        elif u_axial < cfg.axial_prob:
             b0 = (0.0, 0.0, 1.0)
         else:
-            b0 = cap_direction(u[6], u[7], cfg.max_tilt_deg)
+            b0 = cap_direction(u_tilt[0], u_tilt[1], cfg.max_tilt_deg)
         return vs, b0  # type: ignore[return-value]
+
+    def _geometry(self, shape: tuple[int, int, int], draws: _SampleDraws,
+                  dev: torch.device) -> _Geometry:
+        """Voxel size, B0 direction and the derived patch extents of one sample."""
+        vs, b0 = self.draw_geometry(draws.geometry)
+        half = [0.5 * n * v for n, v in zip(shape, vs)]
+        vmin = min(vs)
+        return _Geometry(shape=shape, vs=vs, b0=b0, device=dev, axes=grid_axes(shape, vs, dev),
+                         half=half, half_diag=math.sqrt(sum(h * h for h in half)), vmin=vmin,
+                         edge=float(self.config.edge_voxels) * vmin)
+
+    def _echo_train(self, draws: _SampleDraws) -> _Echo:
+        """Field strength (T), echo times (s), whether the sample is noisy, and its SNR.
+
+        They also fix the noise level of dipole-stage samples (no acquisition).
+        """
+        cfg = self.config
+        b0_t = float(cfg.b0_t_choices[min(len(cfg.b0_t_choices) - 1,
+                                          int(draws.b0_t * len(cfg.b0_t_choices)))])
+        if cfg.te_s is not None:
+            te = [float(t) for t in cfg.te_s]
+        else:
+            t1, dt = lerp(draws.te_first, cfg.te_first_s), lerp(draws.te_spacing, cfg.te_spacing_s)
+            te = [t1 + k * dt for k in range(int(cfg.n_echoes))]
+        noisy = draws.noise_free >= cfg.noise_free_prob
+        snr = log_lerp(draws.snr, cfg.snr_range) if noisy else math.inf
+        return _Echo(b0_t, te, noisy, snr)
+
+    # ------------------------------------------------------------------ susceptibility
+    def _textures(self, g: torch.Generator, geo: _Geometry,
+                  draws: _SampleDraws) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Low-pass textures (tissue, mask boundary x2) and one band-pass (fine detail) texture.
+
+        The low-pass ones are drawn on a coarser grid when they are smooth enough; the fine one
+        at full resolution. The smooth tissue texture also modulates M0 and R2* in the acquisition.
+        """
+        cfg, shape, vs, vmin = self.config, geo.shape, geo.vs, geo.vmin
+        smooth_sigma = log_lerp(draws.smooth_sigma, cfg.smooth_texture_mm)
+        mask_sigma = 0.25 * sum(geo.half) / 3.0
+        coarse = max(1, min(4, int(min(smooth_sigma, mask_sigma / 3.0) / (1.5 * max(vs)))))
+        low = random_textures(g, shape, vs, [(smooth_sigma, None), (mask_sigma, None),
+                                             (mask_sigma / 3.0, None)], downsample=coarse)
+        f_lo, f_hi = sorted((lerp(draws.fine_lo, cfg.fine_texture_voxels) * vmin,
+                             lerp(draws.fine_hi, cfg.fine_texture_voxels) * vmin))
+        fine = random_textures(g, shape, vs, [(f_lo, max(f_hi, f_lo * 1.5))])[0]
+        return low, fine
+
+    def _tissue(self, g: torch.Generator, geo: _Geometry, draws: _SampleDraws, mask: torch.Tensor,
+                smooth: torch.Tensor, fine: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Tissue chi: base level, shapes painted over it, smooth texture, vessels, fine texture.
+
+        Returns ``(chi, n_shapes, n_vessels)``; chi is clamped to ``cfg.tissue_range_ppm``.
+        """
+        cfg, shape, vs, dev = self.config, geo.shape, geo.vs, geo.device
+        chi = torch.full(shape, lerp(draws.tissue_base, cfg.tissue_base_ppm), device=dev)
+        n_shapes = int_in(draws.n_shapes, cfg.shapes_count)
+        centres = random_mask_points(g, mask, n_shapes, vs)
+        shapes = random_shapes(g, n_shapes, centres, cfg.shape_radius_mm_log, cfg.shape_value_ppm,
+                               cfg.shape_probs)
+        paint_shapes(chi, shapes, vs, geo.edge, mode="over", axes=geo.axes)
+        chi.add_(smooth, alpha=lerp(draws.smooth_ppm, cfg.smooth_texture_ppm))
+        n_vessels = int_in(draws.n_vessels, cfg.vessels_count)
+        if n_vessels:
+            chi.add_(self._vessels(g, geo, draws, mask, n_vessels))
+        chi.add_(fine, alpha=lerp(draws.fine_ppm, cfg.fine_texture_ppm))
+        chi.clamp_(float(cfg.tissue_range_ppm[0]), float(cfg.tissue_range_ppm[1]))
+        return chi, n_shapes, n_vessels
+
+    def _vessels(self, g: torch.Generator, geo: _Geometry, draws: _SampleDraws, mask: torch.Tensor,
+                 n_vessels: int) -> torch.Tensor:
+        """The chi of ``n_vessels`` random curved tubes through the mask."""
+        cfg, dev = self.config, geo.device
+        vc = random_mask_points(g, mask, n_vessels, geo.vs)
+        u_radius, u_delta, u_length = torch.rand(3, n_vessels, generator=g, device=dev)
+        lr = [math.log(float(v)) for v in cfg.vessel_radius_mm_log]
+        radii = torch.exp(lr[0] + (lr[1] - lr[0]) * u_radius)
+        deltas = cfg.vessel_delta_ppm[0] + (cfg.vessel_delta_ppm[1] - cfg.vessel_delta_ppm[0]) * u_delta
+        lengths = (0.3 + 0.7 * u_length) * (2.0 * geo.half_diag)
+        return vessel_tubes(g, geo.shape, geo.vs, vc, radii, deltas, lengths, geo.edge,
+                            curvature=lerp(draws.vessel_curvature, (0.2, 1.0)))
+
+    def _strong_sources(self, g: torch.Generator, geo: _Geometry, draws: _SampleDraws,
+                        mask: torch.Tensor, chi: torch.Tensor) -> list[float]:
+        """Paint strong sources (haemorrhage-like positive, calcification-like negative) inside
+        the mask over ``chi`` (in place), with probability ``cfg.strong_prob``; their values."""
+        cfg = self.config
+        strong_values: list[float] = []
+        if draws.strong < cfg.strong_prob:
+            n_strong = int_in(draws.n_strong, cfg.strong_count)
+            sc = random_mask_points(g, mask, n_strong, geo.vs)
+            strong = random_shapes(g, n_strong, sc, cfg.strong_radius_mm_log, (0.0, 1.0), (0.3, 0.7, 0.0))
+            su = scalars(g, 2 * n_strong)
+            for k, s in enumerate(strong):
+                u_kind, u_value = su[2 * k], su[2 * k + 1]
+                rng = cfg.haemorrhage_ppm if u_kind < cfg.haemorrhage_prob else cfg.calcification_ppm
+                s.value = lerp(u_value, rng)
+                strong_values.append(s.value)
+            paint_shapes(chi, strong, geo.vs, geo.edge, mode="over", axes=geo.axes)
+        return strong_values
+
+    def _scale_and_mask(self, draws: _SampleDraws, chi: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Scale chi (sometimes), clamp it to ``cfg.chi_limits_ppm`` and zero it outside the mask,
+        in place; returns the scale and the float mask."""
+        cfg = self.config
+        chi_scale = (log_lerp(draws.chi_scale, cfg.chi_scale_range)
+                     if draws.chi_scale_on < cfg.chi_scale_prob else 1.0)
+        chi.mul_(chi_scale).clamp_(float(cfg.chi_limits_ppm[0]), float(cfg.chi_limits_ppm[1]))
+        maskf = mask.to(torch.float32)
+        chi.mul_(maskf)
+        return chi_scale, maskf
+
+    # ------------------------------------------------------------------ fields
+    def _background_draws(self, g: torch.Generator,
+                          draws: _SampleDraws) -> tuple[int, list[list[float]], float, list[float]]:
+        """The distant spheres (6 numbers each) and the shim residual (amplitude, 8 coefficients).
+
+        They are drawn whether or not the background is computed, so that the chi of a seed does
+        not depend on which outputs are asked for.
+        """
+        cfg, dev = self.config, g.device
+        n_distant = int_in(draws.n_distant, (0, cfg.distant_sources_max))
+        du = torch.rand(n_distant, 6, generator=g, device=dev, dtype=torch.float64).cpu().tolist()
+        shim_amp = lerp(draws.shim, cfg.shim_residual_ppm)
+        coef = torch.randn(8, generator=g, device=dev, dtype=torch.float64).cpu().tolist()
+        return n_distant, du, shim_amp, coef
+
+    def _fields(self, geo: _Geometry, chi: torch.Tensor, chi_background: torch.Tensor | None,
+                need_bg: bool, distant: list[list[float]], shim_amp: float,
+                coef: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unmasked fields of the in-mask sources (local) and, when ``need_bg``, of the sources
+        outside the mask (background: head, distant spheres, shim residual), in one batched FFT
+        where possible. Returns ``(local_full, bg_full)``; ``bg_full`` is None without
+        ``need_bg``."""
+        cfg, vs, b0 = self.config, geo.vs, geo.b0
+        if not need_bg:
+            return forward_field(chi, vs, b0, pad=cfg.pad), None
+        k = int(cfg.background_supersample)
+        if k == 1:
+            both = forward_field(torch.stack([chi, chi_background]), vs, b0, pad=cfg.pad)
+            local_full, bg_full = both[0], both[1]
+        else:
+            # the voxel grid's field of the sharp +9 ppm air is not harmonic in the mask for
+            # oblique B0 (see voxel_averaged_field); the local field keeps the voxel-grid
+            # kernel, which is what the data-consistency loss and inference use. No padding
+            # for the background: its periodic images lie outside the mask, so their field is
+            # harmonic there too, and padding the sub-voxel grid would cost 8x more.
+            local_full = forward_field(chi, vs, b0, pad=cfg.pad)
+            bg_full = voxel_averaged_field(chi_background, vs, b0, k, pad=None)
+        if distant:
+            bg_full = bg_full + self._distant_field(geo, distant)
+        if shim_amp > 0:
+            norm = math.sqrt(sum(c * c for c in coef)) or 1.0
+            bg_full = bg_full + harmonic_polynomial(geo.axes, [shim_amp * c / norm for c in coef],
+                                                    max(geo.half))
+        return local_full, bg_full
+
+    def _distant_field(self, geo: _Geometry, distant: list[list[float]]) -> torch.Tensor:
+        """Field of air / bone spheres outside the patch, one per row of 6 uniform numbers."""
+        cfg, half_diag = self.config, geo.half_diag
+        cs, rs, xs = [], [], []
+        for u_cos, u_phi, u_dist, u_radius, u_kind, u_value in distant:
+            cth, phi = 2.0 * u_cos - 1.0, 2.0 * math.pi * u_phi
+            sth = math.sqrt(max(0.0, 1.0 - cth * cth))
+            dist = half_diag * lerp(u_dist, (1.1, 1.8))
+            cs.append((dist * sth * math.cos(phi), dist * sth * math.sin(phi), dist * cth))
+            rs.append(lerp(u_radius, (0.3, 0.9)) * (dist - half_diag))
+            xs.append(lerp(u_value, cfg.air_ppm) if u_kind < 0.7 else lerp(u_value, cfg.skull_ppm))
+        return distant_sphere_field(geo.axes, cs, rs, xs, geo.b0)
+
+    # ------------------------------------------------------------------ acquisition and noise
+    def _acquire(self, g: torch.Generator, geo: _Geometry, head: Any, chi: torch.Tensor,
+                 smooth: torch.Tensor, field_all: torch.Tensor, echo: _Echo,
+                 noise: torch.Tensor, nominal_std: float,
+                 sample: dict[str, torch.Tensor], info: dict[str, Any]) -> torch.Tensor:
+        """Multi-echo magnitude and wrapped phase of ``field_all`` into ``sample`` / ``info``;
+        returns the unit ``noise`` scaled to the per-voxel field noise of the echoes."""
+        cfg, dev = self.config, geo.device
+        b0_t, te, noisy, snr = echo
+        m0, r2s = tissue_m0_r2star(head.labels, chi, smooth, b0_t)
+        pu = scalars(g, 11)
+        u_offset, u_slope, u_poly = pu[0], pu[1], pu[2:11]
+        phi0 = phase_offset(geo.axes, lerp(u_offset, (-math.pi, math.pi)),
+                            lerp(u_slope, cfg.phase_offset_rad), [v - 0.5 for v in u_poly])
+        mag, phase, clean_mag, sigma = multi_echo_signal(field_all, m0, r2s, phi0,
+                                                         te, b0_t, snr if noisy else None, g)
+        if noisy:
+            # Per-voxel field noise from the echo magnitudes (peak of echo 1 = 1).
+            peak = float(clean_mag[0].max()) or 1.0
+            std_map = field_noise_std_ppm(snr, te, b0_t, clean_mag / peak)
+            std_map = torch.clamp(std_map, max=20.0 * nominal_std)
+            noise = noise * std_map
+        else:
+            noise = noise * 0.0
+        sample.update(magnitude=mag, phase=phase,
+                      te_s=torch.tensor(te, dtype=torch.float32, device=dev),
+                      b0_t=torch.tensor(b0_t, dtype=torch.float32, device=dev))
+        info.update(m0=m0, r2star=r2s, phase_offset=phi0, signal_sigma=sigma,
+                    field_ppm=field_all)
+        return noise
+
+    def _field_support(self, geo: _Geometry, head: Any, mask: torch.Tensor,
+                       maskf: torch.Tensor) -> torch.Tensor | None:
+        """The region whose field is measured (``cfg.field_margin_mm > 0``), else None.
+
+        The mask and the CSF rim within the margin, by the rule ``qsmnet predict`` also uses
+        (:func:`field_support_mask`), with brain and CSF as the bright signal (the CSF is).
+        """
+        if not float(self.config.field_margin_mm) > 0:  # the config has checked with_total_field
+            return None
+        if head.labels is None:
+            return maskf  # a patch inside the brain has no rim
+        bright = ((head.labels == BRAIN) | (head.labels == CSF)).to(torch.float32)
+        return field_support_mask(mask, bright, geo.vs, float(self.config.field_margin_mm),
+                                  multi_echo=False).to(torch.float32)
+
+    @staticmethod
+    def _add_total_field(sample: dict[str, torch.Tensor], background: torch.Tensor,
+                         local_full: torch.Tensor, bg_full: torch.Tensor,
+                         support: torch.Tensor | None, noise_support: torch.Tensor | None) -> None:
+        """Add the background and total fields to ``sample`` (which has the local field), and,
+        with a field support, the support and the local and total fields measured on it."""
+        bgm = background.unsqueeze(0)
+        sample["background_field_ppm"] = bgm
+        sample["total_field_ppm"] = sample["local_field_ppm"] + bgm
+        if support is not None:
+            local_support = local_full * support + noise_support
+            sample["field_support"] = support.unsqueeze(0)
+            sample["local_field_support_ppm"] = local_support.unsqueeze(0)
+            sample["total_field_ppm"] = (local_support + bg_full * support).unsqueeze(0)
 
     # ------------------------------------------------------------------ main entry
     def __call__(self, shape: Shape3, seed: int | None = None, *,
@@ -140,120 +444,23 @@ class QSMSimulator:
             generator = make_generator(seed, device)
         g = generator
         dev = g.device
-        u = scalars(g, 64)
+        draws = _SampleDraws.take(g)
+        geo = self._geometry(shape, draws, dev)
+        echo = b0_t, te, noisy, snr = self._echo_train(draws)
 
-        vs, b0 = self.draw_geometry(u[0:8])
-        axes = grid_axes(shape, vs, dev)
-        half = [0.5 * n * v for n, v in zip(shape, vs)]
-        half_diag = math.sqrt(sum(h * h for h in half))
-        vmin = min(vs)
-        edge = float(cfg.edge_voxels) * vmin
-
-        # Echo train, field strength and SNR (also fix the noise level of dipole-stage samples).
-        b0_t = float(cfg.b0_t_choices[min(len(cfg.b0_t_choices) - 1,
-                                          int(u[8] * len(cfg.b0_t_choices)))])
-        if cfg.te_s is not None:
-            te = [float(t) for t in cfg.te_s]
-        else:
-            t1, dt = lerp(u[9], cfg.te_first_s), lerp(u[10], cfg.te_spacing_s)
-            te = [t1 + k * dt for k in range(int(cfg.n_echoes))]
-        noisy = u[11] >= cfg.noise_free_prob
-        snr = log_lerp(u[12], cfg.snr_range) if noisy else math.inf
-
-        # Textures: low-pass (tissue, mask boundary; drawn on a coarser grid when they are smooth
-        # enough) and band-pass (fine tissue detail, full resolution). The smooth tissue texture
-        # also modulates M0 and R2* in the acquisition.
         need_bg = bool(cfg.with_total_field or cfg.acquisition)
-        smooth_sigma = log_lerp(u[13], cfg.smooth_texture_mm)
-        mask_sigma = 0.25 * sum(half) / 3.0
-        coarse = max(1, min(4, int(min(smooth_sigma, mask_sigma / 3.0) / (1.5 * max(vs)))))
-        low = random_textures(g, shape, vs, [(smooth_sigma, None), (mask_sigma, None),
-                                             (mask_sigma / 3.0, None)], downsample=coarse)
-        f_lo, f_hi = sorted((lerp(u[14], cfg.fine_texture_voxels) * vmin,
-                             lerp(u[15], cfg.fine_texture_voxels) * vmin))
-        fine = random_textures(g, shape, vs, [(f_lo, max(f_hi, f_lo * 1.5))])[0]
-
+        low, fine = self._textures(g, geo, draws)
         # Boundary perturbation: broad bumps plus finer, gyrus-sized ones.
-        head = random_head(g, axes, vs, cfg, low[1] + 0.5 * low[2], with_background=need_bg)
+        head = random_head(g, geo.axes, geo.vs, cfg, low[1] + 0.5 * low[2], with_background=need_bg)
         mask = head.mask
+        chi, n_shapes, n_vessels = self._tissue(g, geo, draws, mask, low[0], fine)
+        strong_values = self._strong_sources(g, geo, draws, mask, chi)
+        chi_scale, maskf = self._scale_and_mask(draws, chi, mask)
 
-        # Tissue: base level, shapes painted over it, smooth texture, vessels, fine texture.
-        chi = torch.full(shape, lerp(u[16], cfg.tissue_base_ppm), device=dev)
-        n_shapes = int_in(u[17], cfg.shapes_count)
-        centres = random_mask_points(g, mask, n_shapes, vs)
-        shapes = random_shapes(g, n_shapes, centres, cfg.shape_radius_mm_log, cfg.shape_value_ppm,
-                               cfg.shape_probs)
-        paint_shapes(chi, shapes, vs, edge, mode="over", axes=axes)
-        chi.add_(low[0], alpha=lerp(u[18], cfg.smooth_texture_ppm))
-        n_vessels = int_in(u[19], cfg.vessels_count)
-        if n_vessels:
-            vc = random_mask_points(g, mask, n_vessels, vs)
-            vu = torch.rand(3, n_vessels, generator=g, device=dev)
-            lr = [math.log(float(v)) for v in cfg.vessel_radius_mm_log]
-            radii = torch.exp(lr[0] + (lr[1] - lr[0]) * vu[0])
-            deltas = cfg.vessel_delta_ppm[0] + (cfg.vessel_delta_ppm[1] - cfg.vessel_delta_ppm[0]) * vu[1]
-            lengths = (0.3 + 0.7 * vu[2]) * (2.0 * half_diag)
-            chi.add_(vessel_tubes(g, shape, vs, vc, radii, deltas, lengths, edge,
-                                  curvature=lerp(u[20], (0.2, 1.0))))
-        chi.add_(fine, alpha=lerp(u[21], cfg.fine_texture_ppm))
-        chi.clamp_(float(cfg.tissue_range_ppm[0]), float(cfg.tissue_range_ppm[1]))
-
-        # Strong sources (haemorrhage-like positive, calcification-like negative), inside the mask.
-        strong_values: list[float] = []
-        if u[22] < cfg.strong_prob:
-            n_strong = int_in(u[23], cfg.strong_count)
-            sc = random_mask_points(g, mask, n_strong, vs)
-            strong = random_shapes(g, n_strong, sc, cfg.strong_radius_mm_log, (0.0, 1.0), (0.3, 0.7, 0.0))
-            su = scalars(g, 2 * n_strong)
-            for k, s in enumerate(strong):
-                rng = cfg.haemorrhage_ppm if su[2 * k] < cfg.haemorrhage_prob else cfg.calcification_ppm
-                s.value = lerp(su[2 * k + 1], rng)
-                strong_values.append(s.value)
-            paint_shapes(chi, strong, vs, edge, mode="over", axes=axes)
-
-        chi_scale = log_lerp(u[25], cfg.chi_scale_range) if u[24] < cfg.chi_scale_prob else 1.0
-        chi.mul_(chi_scale).clamp_(float(cfg.chi_limits_ppm[0]), float(cfg.chi_limits_ppm[1]))
-        maskf = mask.to(torch.float32)
-        chi.mul_(maskf)
-
-        # Fields: in-mask sources (local) and, when needed, out-of-mask sources (background), in
-        # one batched FFT. The random draws are made either way, so the chi of a seed does not
-        # depend on which outputs are asked for.
-        n_distant = int_in(u[26], (0, cfg.distant_sources_max))
-        du = torch.rand(n_distant, 6, generator=g, device=dev, dtype=torch.float64).cpu().tolist()
-        shim_amp = lerp(u[27], cfg.shim_residual_ppm)
-        coef = torch.randn(8, generator=g, device=dev, dtype=torch.float64).cpu().tolist()
-        background = bg_full = None
-        if need_bg:
-            k = int(cfg.background_supersample)
-            if k == 1:
-                both = forward_field(torch.stack([chi, head.chi_background]), vs, b0, pad=cfg.pad)
-                local_full, bg_full = both[0], both[1]
-            else:
-                # the voxel grid's field of the sharp +9 ppm air is not harmonic in the mask for
-                # oblique B0 (see voxel_averaged_field); the local field keeps the voxel-grid
-                # kernel, which is what the data-consistency loss and inference use. No padding
-                # for the background: its periodic images lie outside the mask, so their field is
-                # harmonic there too, and padding the sub-voxel grid would cost 8x more.
-                local_full = forward_field(chi, vs, b0, pad=cfg.pad)
-                bg_full = voxel_averaged_field(head.chi_background, vs, b0, k, pad=None)
-            if n_distant:
-                cs, rs, xs = [], [], []
-                for row in du:
-                    cth, phi = 2.0 * row[0] - 1.0, 2.0 * math.pi * row[1]
-                    sth = math.sqrt(max(0.0, 1.0 - cth * cth))
-                    dist = half_diag * lerp(row[2], (1.1, 1.8))
-                    cs.append((dist * sth * math.cos(phi), dist * sth * math.sin(phi), dist * cth))
-                    rs.append(lerp(row[3], (0.3, 0.9)) * (dist - half_diag))
-                    xs.append(lerp(row[5], cfg.air_ppm) if row[4] < 0.7 else lerp(row[5], cfg.skull_ppm))
-                bg_full = bg_full + distant_sphere_field(axes, cs, rs, xs, b0)
-            if shim_amp > 0:
-                norm = math.sqrt(sum(c * c for c in coef)) or 1.0
-                bg_full = bg_full + harmonic_polynomial(axes, [shim_amp * c / norm for c in coef],
-                                                        max(half))
-            background = bg_full * maskf
-        else:
-            local_full = forward_field(chi, vs, b0, pad=cfg.pad)
+        n_distant, du, shim_amp, coef = self._background_draws(g, draws)
+        local_full, bg_full = self._fields(geo, chi, head.chi_background, need_bg, du, shim_amp,
+                                           coef)
+        background = bg_full * maskf if need_bg else None
         local_clean = local_full * maskf
 
         sample: dict[str, torch.Tensor] = {}
@@ -261,38 +468,12 @@ class QSMSimulator:
         nominal_std = field_noise_std_ppm(snr, te, b0_t) if noisy else 0.0
         noise = torch.randn(shape, generator=g, device=dev)
         if cfg.acquisition:
-            m0, r2s = tissue_m0_r2star(head.labels, chi, low[0], b0_t)
-            pu = scalars(g, 11)
-            phi0 = phase_offset(axes, lerp(pu[0], (-math.pi, math.pi)),
-                                lerp(pu[1], cfg.phase_offset_rad), [v - 0.5 for v in pu[2:11]])
-            field_all = local_full + bg_full
-            mag, phase, clean_mag, sigma = multi_echo_signal(field_all, m0, r2s, phi0,
-                                                             te, b0_t, snr if noisy else None, g)
-            if noisy:
-                # Per-voxel field noise from the echo magnitudes (peak of echo 1 = 1).
-                peak = float(clean_mag[0].max()) or 1.0
-                std_map = field_noise_std_ppm(snr, te, b0_t, clean_mag / peak)
-                std_map = torch.clamp(std_map, max=20.0 * nominal_std)
-                noise = noise * std_map
-            else:
-                noise = noise * 0.0
-            sample.update(magnitude=mag, phase=phase,
-                          te_s=torch.tensor(te, dtype=torch.float32, device=dev),
-                          b0_t=torch.tensor(b0_t, dtype=torch.float32, device=dev))
-            info.update(m0=m0, r2star=r2s, phase_offset=phi0, signal_sigma=sigma,
-                        field_ppm=field_all)
+            noise = self._acquire(g, geo, head, chi, low[0], local_full + bg_full, echo, noise,
+                                  nominal_std, sample, info)
         else:
             noise.mul_(nominal_std)
-        support = None
-        if float(cfg.field_margin_mm) > 0:  # the config has checked with_total_field
-            support = maskf  # a patch inside the brain has no rim
-            if head.labels is not None:
-                # the rim whose field ``qsmnet predict`` also measures, by the same rule
-                # (field_support_mask), with brain and CSF as the bright signal (the CSF is)
-                bright = ((head.labels == BRAIN) | (head.labels == CSF)).to(torch.float32)
-                support = field_support_mask(mask, bright, vs, float(cfg.field_margin_mm),
-                                             multi_echo=False).to(torch.float32)
-            noise_support = noise * support
+        support = self._field_support(geo, head, mask, maskf)
+        noise_support = noise * support if support is not None else None
         noise.mul_(maskf)
         local = local_clean + noise
 
@@ -300,23 +481,17 @@ class QSMSimulator:
             chi_ppm=chi.unsqueeze(0),
             local_field_ppm=local.unsqueeze(0),
             mask=maskf.unsqueeze(0),
-            voxel_size_mm=torch.tensor(vs, dtype=torch.float32, device=dev),
-            b0_dir=torch.tensor(b0, dtype=torch.float32, device=dev),
+            voxel_size_mm=torch.tensor(geo.vs, dtype=torch.float32, device=dev),
+            b0_dir=torch.tensor(geo.b0, dtype=torch.float32, device=dev),
             noise_std_ppm=torch.tensor(nominal_std, dtype=torch.float32, device=dev),
         )
         if cfg.with_total_field:
-            bgm = background.unsqueeze(0)
-            sample["background_field_ppm"] = bgm
-            sample["total_field_ppm"] = sample["local_field_ppm"] + bgm
-            if support is not None:
-                local_support = local_full * support + noise_support
-                sample["field_support"] = support.unsqueeze(0)
-                sample["local_field_support_ppm"] = local_support.unsqueeze(0)
-                sample["total_field_ppm"] = (local_support + bg_full * support).unsqueeze(0)
+            self._add_total_field(sample, background, local_full, bg_full, support, noise_support)
         if not return_info:
             return sample
+        b0 = geo.b0
         info.update(
-            voxel_size_mm=vs, b0_dir=b0,
+            voxel_size_mm=geo.vs, b0_dir=b0,
             tilt_deg=math.degrees(math.acos(max(-1.0, min(1.0, abs(b0[2]))))),
             b0_t=b0_t, te_s=te, snr=snr, noise_std_ppm=nominal_std, chi_scale=chi_scale,
             n_shapes=n_shapes, n_vessels=n_vessels, strong_values=strong_values,

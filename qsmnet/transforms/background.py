@@ -486,9 +486,15 @@ def _pdf_single(f, m, vs, b0, w, pad, max_iter, tol):
     return local, m.clone()
 
 
+#: PDF defaults, shared by :func:`pdf` and :class:`PDF`: padding around the mask's box (voxels
+#: per side, room for the background dipoles), conjugate-gradient budget and relative tolerance
+PDF_PAD_VOXELS, PDF_MAX_ITER, PDF_TOL = 24, 40, 1e-3
+
+
 def pdf(field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm: Vec3 = (1.0, 1.0, 1.0),
-        b0_dir: Vec3 = (0.0, 0.0, 1.0), weights: torch.Tensor | None = None, pad: PadArg = 24,
-        max_iter: int = 40, tol: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+        b0_dir: Vec3 = (0.0, 0.0, 1.0), weights: torch.Tensor | None = None,
+        pad: PadArg = PDF_PAD_VOXELS, max_iter: int = PDF_MAX_ITER, tol: float = PDF_TOL
+        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Projection onto dipole fields (PDF) background removal.
 
     The background is modelled as the field of sources outside the mask (within the padded
@@ -665,8 +671,8 @@ class PDF(Transform):
 
     output_keys = ("local_field_ppm", "mask")
 
-    def __init__(self, pad: int | Sequence[int] = 24, max_iter: int = 40, tol: float = 1e-3,
-                 weights_key: str | None = None) -> None:
+    def __init__(self, pad: int | Sequence[int] = PDF_PAD_VOXELS, max_iter: int = PDF_MAX_ITER,
+                 tol: float = PDF_TOL, weights_key: str | None = None) -> None:
         self.pad = pad if isinstance(pad, int) else [int(p) for p in pad]
         self.max_iter = max_iter
         self.tol = tol

@@ -435,9 +435,8 @@ def tv_admm(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
 
     Returns
     -------
-    (..., X, Y, Z) tensor: chi in ppm, zero mean inside the mask. Computed without autograd.
-
-    References: see the module docstring.
+    (..., X, Y, Z) tensor: chi in ppm, zero mean inside the mask. Computed without autograd
+    (references in the module docstring).
     """
     lam, rho = _tv_parameters(lam, rho, mu, max_iter, weighted=weights is not None)
     x = local_field_ppm
