@@ -8,7 +8,6 @@ reconstructed and its outputs written as one set, with a progress bar.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from qsmnet.io import (
     reader_options,
 )
 from qsmnet.io.bids import write_derivative_description
-from qsmnet.io.output_set import check_writable, existing_outputs, locked_folders
+from qsmnet.io.output_set import check_writable, locked_folders, refuse_earlier_outputs
 
 log = logging.getLogger("qsmnet")
 
@@ -78,26 +77,13 @@ def _jobs_from_args(args) -> list[tuple[Acquisition, Path]]:
     return jobs
 
 
-def _refuse_overwrite(jobs: list[tuple[Acquisition, Path]], overwrite: bool, command: str
-                      ) -> None:
+def _refuse_overwrite(jobs: list[tuple[Acquisition, Path]], overwrite: bool) -> None:
     """Stop before computing when an acquisition's outputs exist, unless ``overwrite``."""
     if overwrite:
         return
     for _, chimap in jobs:
-        found = existing_outputs(output_paths(chimap).values())
-        if found:
-            raise QSMInputError(f"{found[0]}: exists{_made_by(output_paths(chimap)['record'])}; "
-                                f"{command} replaces an output set only with --overwrite (or "
-                                "write to another folder with --out)")
-
-
-def _made_by(record: Path) -> str:
-    """`` (made by --method X on DATE)`` from a JSON record, or nothing when unreadable."""
-    try:
-        meta = json.loads(record.read_text(encoding="utf-8"))
-        return f" (made by --method {meta['method']} on {meta['created']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
+        paths = output_paths(chimap)
+        refuse_earlier_outputs(paths.values(), "predict", "--out", record=paths["record"])
 
 
 def _derivatives_root(args) -> Path | None:
@@ -122,7 +108,7 @@ def run_predict(args) -> int:
     for folder in folders + ([deriv] if deriv is not None else []):
         check_writable(folder, "--out" if args.out is not None else "derivatives of --bids")
     with locked_folders(folders):
-        _refuse_overwrite(jobs, args.overwrite, "predict")
+        _refuse_overwrite(jobs, args.overwrite)
         if not args.skip_memory_check:
             for acq, _ in jobs:
                 check_memory(acq.shape, acq.n_echoes, str(args.method), device,

@@ -26,10 +26,10 @@ from qsmnet.inference.dipole import make_inverter
 from qsmnet.inference.pipeline import reconstruct
 from qsmnet.inference.predict import resolve_device
 from qsmnet.inference.resources import check_memory
-from qsmnet.io import QSMInputError, read_qsmci_inputs, reader_options
+from qsmnet.io import read_qsmci_inputs, reader_options
 from qsmnet.io.atomic import atomic_write_json
 from qsmnet.io.nifti import save_nifti
-from qsmnet.io.output_set import FolderLock, OutputSet, check_writable, existing_outputs
+from qsmnet.io.output_set import FolderLock, OutputSet, check_writable, refuse_earlier_outputs
 from qsmnet.io.qsmci import QSMCI_OUTPUT
 from qsmnet.transforms.field_mapping import FieldMapping
 from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM
@@ -68,10 +68,9 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
     check_writable(out_dir, "OUT_DIR")
     names = stage_outputs(stage)
     with FolderLock(out_dir):
-        found = existing_outputs(out_dir / n for n in names)
-        if found and not overwrite:
-            raise QSMInputError(f"{found[0]}: exists; run-stage replaces an earlier {stage} "
-                                "output only with --overwrite (or write to another OUT_DIR)")
+        if not overwrite:
+            refuse_earlier_outputs((out_dir / n for n in names), f"run-stage {stage}",
+                                   "another OUT_DIR", record=out_dir / names[1])
         if memory_check:
             n_echoes = 1 if inputs.phase is None else inputs.phase.shape[0]
             check_memory(inputs.mask.shape, n_echoes, str(method), device, source=inputs.name)

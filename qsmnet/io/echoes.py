@@ -220,9 +220,9 @@ def _read_magnitude(magnitude_paths: PathOrPaths | None, phase, first: str):
     return mag.data
 
 
-def _resolve_voxel_size(voxel_size_mm: Sequence[float] | None, header, first: str) -> np.ndarray:
-    """The stated voxel size (checked; warned about if it differs from the header's) or the
-    header's."""
+def resolve_voxel_size(voxel_size_mm: Sequence[float] | None, header, first: str) -> np.ndarray:
+    """The stated voxel size (params.json ``voxel_size``; checked, and warned about if it differs
+    from the header's) or the header's."""
     if voxel_size_mm is None:
         return voxel_size_from_header(header, first)
     voxel = np.asarray(voxel_size_mm, dtype=np.float64).reshape(-1)
@@ -309,7 +309,7 @@ def read_nifti_echoes(phase_paths: PathOrPaths, magnitude_paths: PathOrPaths | N
                          mask_threshold, require_background)
     if magnitude is not None and decay_check:
         check_magnitude_decay(magnitude, te, series_name(as_path_list(magnitude_paths)), mask)
-    voxel = _resolve_voxel_size(voxel_size_mm, phase.header, first)
+    voxel = resolve_voxel_size(voxel_size_mm, phase.header, first)
     return Acquisition(
         phase=phase.data, magnitude=magnitude, mask=mask, te_s=te, b0_t=b0,
         b0_dir=resolve_b0_dir(b0_dir, phase.affine, "--b0-dir"), voxel_size_mm=voxel,

@@ -31,8 +31,8 @@ from pathlib import Path
 from qsmnet.io.atomic import atomic_write_text, remove_stale_temp_files
 from qsmnet.io.errors import QSMInputError
 
-__all__ = ["FolderLock", "OutputSet", "check_writable", "existing_outputs", "locked_folders",
-           "recover"]
+__all__ = ["FolderLock", "OutputSet", "check_writable", "locked_folders", "recover",
+           "refuse_earlier_outputs"]
 
 STAGING_PREFIX = ".qsmnet-staging-"
 LOCK_NAME = ".qsmnet.lock"
@@ -167,9 +167,29 @@ def recover(folder: str | os.PathLike) -> list[str]:
     return done
 
 
-def existing_outputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """The paths that exist already (what a run would overwrite)."""
-    return [Path(p) for p in paths if Path(p).exists()]
+def refuse_earlier_outputs(paths: Iterable[str | os.PathLike], command: str, elsewhere: str,
+                           record: str | os.PathLike | None = None) -> None:
+    """Refuse (before computing) to write where a file of the set exists already.
+
+    ``record`` is the earlier set's JSON record: its method and date go into the message.
+    ``elsewhere`` names the option that picks another folder. ``--overwrite`` is the way past.
+    """
+    found = [Path(p) for p in paths if Path(p).exists()]
+    if found:
+        raise QSMInputError(f"{found[0]}: exists{_made_by(record)}; {command} replaces an output "
+                            f"set only with --overwrite (or write to another folder with "
+                            f"{elsewhere})")
+
+
+def _made_by(record: str | os.PathLike | None) -> str:
+    """`` (made by --method X on DATE)`` from a JSON record, or nothing when unreadable."""
+    if record is None:
+        return ""
+    try:
+        meta = json.loads(Path(record).read_text(encoding="utf-8"))
+        return f" (made by --method {meta['method']} on {meta['created']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 class OutputSet:

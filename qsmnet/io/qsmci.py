@@ -19,7 +19,6 @@ stated); a voxel size that disagrees with the header is logged.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from qsmnet.io.acquisition import Acquisition
-from qsmnet.io.echoes import VOXEL_MISMATCH_MM, load_echo_series, load_mask, resolve_b0_dir
+from qsmnet.io.echoes import load_echo_series, load_mask, resolve_b0_dir, resolve_voxel_size
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.nifti import load_nifti
 from qsmnet.io.params import read_params_json
@@ -43,7 +42,6 @@ from qsmnet.io.validate import (
 
 __all__ = ["QSMCI_INPUTS", "QSMCI_OUTPUT", "QSMCI_STAGES", "QSMCIInputs", "read_qsmci_inputs"]
 
-log = logging.getLogger(__name__)
 
 #: Output file each stage writes into its output folder.
 QSMCI_OUTPUT = {
@@ -171,16 +169,12 @@ def _load_field(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
     return check_volume_3d(data, path.name).astype(np.float32, copy=False), affine, header
 
 
-def _resolve_voxel_size(params, header, primary: str):
-    """params.json's voxel size (warned about if it differs from the header's) or the header's."""
+def _voxel_size(params, header, primary: str):
+    """params.json's voxel size (warned about if it differs from the header's) or the header's;
+    a header without a valid voxel size is refused either way."""
     header_voxel = voxel_size_from_header(header, primary)
-    voxel = header_voxel
-    if params.voxel_size_mm is not None:
-        voxel = params.voxel_size_mm
-        if np.max(np.abs(voxel - header_voxel)) > VOXEL_MISMATCH_MM:
-            log.warning("params.json: voxel_size %s differs from the header of %s (%s); "
-                        "using params.json", voxel.tolist(), primary, header_voxel.tolist())
-    return voxel
+    return header_voxel if params.voxel_size_mm is None else \
+        resolve_voxel_size(params.voxel_size_mm, header, primary)
 
 
 def read_qsmci_inputs(in_dir: str | os.PathLike, stage: str, phase_sign: int = 1,
@@ -254,7 +248,7 @@ def read_qsmci_inputs(in_dir: str | os.PathLike, stage: str, phase_sign: int = 1
                      "give a brain mask (0 outside the brain)")
     if found.get("magnitude") is not None and decay_check:
         check_magnitude_decay(found["magnitude"], params.te_s, "magnitude.nii.gz", mask)
-    voxel = _resolve_voxel_size(params, header, primary)
+    voxel = _voxel_size(params, header, primary)
     b0_dir = resolve_b0_dir(params.b0_dir, affine, "params.json B0_dir")
     return QSMCIInputs(stage=stage, in_dir=d, mask=mask, affine=affine, header=header,
                        te_s=params.te_s, b0_t=params.b0_t, b0_dir=b0_dir, voxel_size_mm=voxel,

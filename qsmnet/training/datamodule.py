@@ -379,13 +379,15 @@ class SimulatedQSMDataModule(L.LightningDataModule):
             return sampler.current + 1, 0
         return sampler.current, done
 
+    def _world_size(self) -> int:
+        return int(self.trainer.world_size) if self.trainer is not None else 1
+
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints: the seeds and the position in the training stream (epoch,
         batches done in it, and the batch size and process count they are counted in)."""
         epoch, batch = self.stream_position()
-        world = self.trainer.world_size if self.trainer is not None else 1
         return {"seed": self.seed, "val_seed": self.val_seed, "epoch": epoch, "batch": batch,
-                "batch_size": self.batch_size, "world_size": int(world)}
+                "batch_size": self.batch_size, "world_size": self._world_size()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if int(state_dict.get("seed", self.seed)) != self.seed:
@@ -394,7 +396,7 @@ class SimulatedQSMDataModule(L.LightningDataModule):
         epoch, batch = int(state_dict.get("epoch", 0)), int(state_dict.get("batch", 0))
         saved = (int(state_dict.get("batch_size", self.batch_size)),
                  int(state_dict.get("world_size", 1)))
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = self._world_size()
         if batch and saved != (self.batch_size, world):
             log.warning("resuming mid-epoch with batch size %d on %d process(es); the checkpoint "
                         "was written with %d on %d: epoch %d restarts from its first batch",
