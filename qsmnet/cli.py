@@ -1,4 +1,4 @@
-"""The ``qsmnet`` command line: simulate, predict, run-stage, evaluate.
+"""The ``qsmnet`` command line: simulate, predict, run-stage, evaluate, convert.
 
 Every user error (bad argument, missing file, bad NIfTI, inconsistent metadata) ends as exactly
 one line on stderr, ``qsmnet: error: ...``, and exit code 2, before anything is written; add
@@ -113,10 +113,14 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "variable radius with RESHARP's regularised solve)")
 
 
-def _add_phase_sign(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--phase-sign", type=int, choices=(1, -1), default=1,
-                   help="phase polarity: 1 if phase grows with positive field (default), -1 for "
-                        "the opposite vendor convention")
+def _add_phase_sign(p: argparse.ArgumentParser, from_sidecar: bool = False) -> None:
+    # from_sidecar: default None, so that the BIDS reader can tell an explicit sign from none
+    # and take GE's from the sidecar's Manufacturer.
+    p.add_argument("--phase-sign", type=int, choices=(1, -1), default=None if from_sidecar else 1,
+                   help="phase polarity: 1 if phase grows with positive field, -1 for "
+                        "the opposite vendor convention (default: 1" +
+                        ("; with --bids, -1 when the sidecar's Manufacturer is GE)" if from_sidecar
+                         else ")"))
 
 
 def _add_output_checks(p: argparse.ArgumentParser) -> None:
@@ -214,7 +218,7 @@ def _add_predict(sub) -> None:
                    help="output folder (required for NIfTI input; BIDS default: "
                         "ROOT/derivatives/qsmnet)")
     _add_method_device(p)
-    _add_phase_sign(p)
+    _add_phase_sign(p, from_sidecar=True)
     _add_input_checks(p)
     _add_output_checks(p)
     p.add_argument("--no-preview", action="store_true", help="do not write PNG previews")
@@ -263,8 +267,31 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(handler=_run_evaluate)
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="convert multi-echo GRE DICOM series into a BIDS subject (dcm2niix)",
+        description=_wrap(
+            "Convert the multi-echo gradient-echo magnitude and phase DICOM series under "
+            "DICOM_DIR with dcm2niix into BIDS_ROOT/sub-<id>/[ses-<s>/]anat/"
+            "sub-<id>_echo-<n>_part-{mag,phase}_MEGRE.nii.gz with JSON sidecars, as "
+            "'predict --bids' reads them. The subject appears complete or not at all."),
+        epilog="example:\n  qsmnet convert dicom/ bids/ --subject 01\n"
+               "  qsmnet predict --bids bids/ --subject 01",
+        formatter_class=_formatter)
+    _add_common(p)
+    p.add_argument("dicom_dir", type=Path, metavar="DICOM_DIR",
+                   help="folder holding the DICOM files (searched recursively)")
+    p.add_argument("bids_root", type=Path, metavar="BIDS_ROOT", help="BIDS dataset folder")
+    p.add_argument("--subject", default="01", metavar="LABEL",
+                   help="subject label (default: %(default)s)")
+    p.add_argument("--session", default=None, metavar="LABEL", help="session label (optional)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the subject's (session's) existing MEGRE files")
+    p.set_defaults(handler=_run_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``qsmnet`` argument parser with its four subcommands."""
+    """The ``qsmnet`` argument parser with its subcommands."""
     parser = _Parser(
         prog=PROG,
         description=_wrap(
@@ -283,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_run_stage(sub)
     _add_evaluate(sub)
+    _add_convert(sub)
     return parser
 
 
@@ -468,6 +496,12 @@ def _run_evaluate(args: argparse.Namespace) -> int | None:
     return _load("qsmnet.metrics.evaluate", "run_evaluate_cli", "evaluate")(args)
 
 
+def _run_convert(args: argparse.Namespace) -> int | None:
+    _require_dir(args.dicom_dir, "DICOM_DIR")
+    _check_out_dir(args.bids_root, "BIDS_ROOT")
+    return _load("qsmnet.io.dicom", "run_convert_cli", "convert")(args)
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     try:
         try:
-            args = build_parser().parse_args(argv)
+            from qsmnet.cohort import is_bids_app_call, parse_bids_app
+
+            # BIDS-App form: qsmnet BIDS_DIR OUTPUT_DIR participant [options]
+            args = (parse_bids_app(argv) if is_bids_app_call(argv)
+                    else build_parser().parse_args(argv))
         except SystemExit as exc:  # --help / --version
             return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
         verbose = bool(getattr(args, "verbose", False)) or verbose

@@ -159,6 +159,7 @@ def _inverter(name: str, model: str = "unet", after_bfr: bool = False):
 def run_accuracy(seeds, scale, force=False, end_to_end=True, inversions=INVERSIONS) -> dict:
     import torch
 
+    from qsmnet.inference.options import ReconOptions
     from qsmnet.inference.pipeline import invert_on_support, reconstruct
     from qsmnet.metrics import score
     from qsmnet.simulation.qsmforward_acquisition import EVALUATION_FINE_VOXEL_MM
@@ -204,7 +205,8 @@ def run_accuracy(seeds, scale, force=False, end_to_end=True, inversions=INVERSIO
                     if inv is not None and f"{case}/{bfr}/{n}" not in res["end_to_end"]]
             if not todo:
                 continue
-            base = reconstruct(sample, inverter=lambda f, *a: f, start="phase", bfr=bfr)
+            base = reconstruct(sample, ReconOptions(bfr=bfr), start="phase",
+                               inverter=lambda f, *a: f)
             for name in todo:
                 inv = e2e_inverters[name]
                 t0 = time.perf_counter()
@@ -405,6 +407,7 @@ def _speed_worker(shape, method, device, threads, queue):
 
     torch.set_num_threads(threads)
     from qsmnet.inference.dipole import make_inverter
+    from qsmnet.inference.options import ReconOptions
     from qsmnet.inference.pipeline import reconstruct
 
     sample = _synthetic_volume(shape)
@@ -412,7 +415,8 @@ def _speed_worker(shape, method, device, threads, queue):
     with open("/proc/self/status") as f:
         before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
     t0 = time.perf_counter()
-    rec = reconstruct(sample, inverter=inv, start="phase", bfr="pdf", device=device)
+    rec = reconstruct(sample, ReconOptions(bfr="pdf", device=device), start="phase",
+                      inverter=inv)
     total = time.perf_counter() - t0
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024

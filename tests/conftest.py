@@ -193,3 +193,35 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def dipole_blocks_batch(batch: int = 2, shape: Sequence[int] = (16, 16, 16), seed: int = 0):
+    """Piecewise-constant chi blocks and their field, two samples with different geometry.
+
+    Returns ``(chi, field, mask, voxel_size_mm, b0_dir)``: chi and field ``(B, 1, X, Y, Z)`` float32
+    ppm (field = ``forward_field(chi)`` inside the mask), mask the same shape, geometry ``(B, 3)``
+    (sample 0 axial isotropic, sample 1 anisotropic and tilted).
+    """
+    import torch
+
+    from qsmnet.physics import forward_field
+
+    g = torch.Generator().manual_seed(seed)
+    chi = torch.zeros(batch, 1, *shape)
+    for b in range(batch):
+        for _ in range(4):
+            lo = torch.randint(0, shape[0] - 5, (3,), generator=g)
+            chi[b, 0, lo[0]:lo[0] + 4, lo[1]:lo[1] + 5, lo[2]:lo[2] + 3] += 0.1 * (1 + b)
+    mask = torch.zeros_like(chi)
+    mask[..., 2:-2, 3:-3, 2:-2] = 1
+    chi = chi * mask
+    vs = torch.tensor([[1.0, 1.0, 1.0], [0.7, 0.9, 2.0]])[:batch]
+    b0 = torch.tensor([[0.0, 0.0, 1.0], [0.3, -0.4, 0.866]])[:batch]
+    field = forward_field(chi, vs, b0) * mask
+    return chi, field, mask, vs, b0
+
+
+@pytest.fixture(name="dipole_blocks_batch")
+def dipole_blocks_batch_fixture():
+    """Factory, see :func:`dipole_blocks_batch`."""
+    return dipole_blocks_batch

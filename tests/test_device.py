@@ -124,6 +124,7 @@ def test_network_matches_cpu(phantom):
 
 def test_end_to_end_from_phase_matches_cpu():
     pytest.importorskip("qsm_forward")
+    from qsmnet.inference.options import ReconOptions
     from qsmnet.inference.pipeline import reconstruct
     from qsmnet.metrics import score
     from qsmnet.simulation.head_phantom import head_phantom
@@ -134,8 +135,8 @@ def test_end_to_end_from_phase_matches_cpu():
     sample = {"phase": acq.phase, "magnitude": acq.magnitude, "te_s": acq.te_s,
               "b0_t": acq.b0_t, "voxel_size_mm": acq.voxel_size_mm, "b0_dir": acq.b0_dir,
               "mask": acq.mask}
-    cpu = reconstruct(sample, method="tkd", device="cpu")
-    dev = reconstruct(sample, method="tkd", device=DEVICE)
+    cpu = reconstruct(sample, ReconOptions(method="tkd", device="cpu"))
+    dev = reconstruct(sample, ReconOptions(method="tkd", device=DEVICE))
     assert dev.chi_ppm.device.type == "cpu"  # outputs always come back to the CPU
     assert torch.equal(dev.chi_mask, cpu.chi_mask)
     assert _rel(dev.total_field_ppm[cpu.mask], cpu.total_field_ppm[cpu.mask]) < 1e-3

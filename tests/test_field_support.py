@@ -5,8 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from qsmnet.physics import forward_field
 from qsmnet.transforms import FieldSupport, field_support_mask, pdf
@@ -36,7 +34,6 @@ def test_rim_is_every_bright_voxel_within_the_margin(vs, margin_mm):
 
 def test_dark_voxels_and_what_lies_beyond_them_stay_out():
     # brain (ball), bright CSF shell 2 voxels, dark skull 2 voxels, bright scalp beyond
-    shape = (40, 40, 40)
     r = np.sqrt(sum((g - 19.5) ** 2 for g in np.meshgrid(*[np.arange(40.0)] * 3, indexing="ij")))
     brain, csf, skull = r <= 10, (r > 10) & (r <= 12), (r > 12) & (r <= 14)
     mag = np.where(skull, 0.02, 1.0) * np.where(csf, 1.3, 1.0)
@@ -59,10 +56,8 @@ def test_dark_voxels_and_what_lies_beyond_them_stay_out():
         field_support_mask(torch.from_numpy(brain), mag, (1, 1, 1), -1.0)
 
 
-def test_dict_twin_and_hydra_config():
-    cfg = OmegaConf.load("configs/preprocess/field_support.yaml")
-    t = instantiate(cfg)
-    assert isinstance(t, FieldSupport) and t.margin_mm == 2.0
+def test_dict_twin():
+    t = FieldSupport(margin_mm=2.0)
     mask = torch.zeros(12, 12, 12, dtype=torch.bool)
     mask[4:8, 4:8, 4:8] = True
     mag = torch.ones(2, 12, 12, 12)

@@ -150,7 +150,7 @@ def test_phase_units_flag_overrides_and_ambiguous_integers_are_refused(tmp_path,
     line = _error_line(capsys.readouterr().err)
     assert line.startswith("qsmnet: error: phase.nii.gz: integer phase values span [-100, 100]")
     assert "degrees [-180, 180] (56 %) nor integer raw phase [-128, 127] (78 %)" in line
-    assert "pass --phase-units rad, deg or int" in line
+    assert "pass --phase-units rad, deg, int or mrad" in line
     assert _nothing_under(tmp_path / "o_amb")
     assert _stage("field-mapping", tmp_path / "in", tmp_path / "o_deg", "--phase-units",
                   "deg") == 0

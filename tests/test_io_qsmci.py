@@ -52,7 +52,7 @@ def test_phase_stage_magnitude_optional(tmp_path, write_qsmci_folder):
     assert inp.magnitude is None and inp.phase.shape[0] == 2
 
 
-@pytest.mark.parametrize("stage,key,sample_key", [("bfr", "totalfield", "field_ppm"),
+@pytest.mark.parametrize("stage,key,sample_key", [("bfr", "totalfield", "total_field_ppm"),
                                                   ("dipole", "localfield", "local_field_ppm")])
 def test_field_stages(tmp_path, write_qsmci_folder, stage, key, sample_key):
     # qsm-ci writes a placeholder TE of [1.0] for these stages: it must be accepted.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -19,7 +17,6 @@ from qsmnet.transforms.masking import (
     smv_erode,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "preprocess"
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -137,19 +134,13 @@ def test_smv_erode_matches_scipy_exactly(radius_mm, vs):
     assert 0 < ref.sum() < blob.sum()
 
 
-def test_smv_erode_transform_batch_and_config():
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
+def test_smv_erode_transform_batch_and_dict_twin():
     vs = (1.0, 1.0, 1.25)
     _, truth = simulated_head(shape=(40, 40, 32), vs=vs)
-    t = instantiate(OmegaConf.load(CONFIGS / "smv_erode.yaml"))
-    assert isinstance(t, SMVErode)
+    t = SMVErode(radius_mm=2.0)
     batch = t(torch.stack([truth, ~truth]), vs)
     for i, m in enumerate((truth, ~truth)):
         ref = ndimage.binary_erosion(m.numpy(), ellipsoid_structure(t.radius_mm, vs))
         assert np.array_equal(batch[i].numpy(), ref)
     out = t.apply({"mask": truth, "voxel_size_mm": vs})
     assert torch.equal(out["mask"], batch[0])
-    bm = instantiate(OmegaConf.load(CONFIGS / "brain_mask.yaml"))
-    assert isinstance(bm, BrainMask)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import qsmnet.inference.outputs as outputs_module
-import qsmnet.inference.predict as predict_module
+import qsmnet.inference.options as options_module
 import qsmnet.inference.resources as resources
 from qsmnet.cli import main
 from qsmnet.io.output_set import LOCK_NAME, STAGING_PREFIX, FolderLock, OutputSet, recover
@@ -161,7 +161,7 @@ def test_a_full_disk_leaves_no_partial_set(subject, tmp_path, capsys):
 
 def test_a_read_only_folder_fails_before_computing(subject, tmp_path, capsys, monkeypatch):
     loaded = []
-    monkeypatch.setattr(predict_module, "make_inverter",
+    monkeypatch.setattr(options_module, "make_inverter",
                         lambda *a, **k: loaded.append(a) or pytest.fail("computed"))
     with _tmpfs(tmp_path / "ro", "ro,size=1m") as disk:
         assert _predict(subject, disk / "out") == 2

@@ -19,8 +19,14 @@ from qsmnet.physics.geometry import rotation_between, tilt_deg
 from qsmnet.physics.units import wrap_phase
 
 
-def test_gamma_constant():
-    assert GAMMA_BAR_MHZ_PER_T == 42.57747892
+def test_gamma_bar_is_the_proton_gyromagnetic_ratio_over_two_pi():
+    # CODATA 2014 proton gyromagnetic ratio gamma_p = 2.675 221 900e8 rad s^-1 T^-1; the constant
+    # is gamma_p / (2 pi) in MHz/T, to the 10 significant digits it is written with
+    gamma_p_rad_per_s_t = 2.675221900e8
+    assert GAMMA_BAR_MHZ_PER_T == pytest.approx(gamma_p_rad_per_s_t / (2 * math.pi) / 1e6,
+                                                rel=5e-10)
+    # and within the 0.01 % the conventions allow of the 42.576 / 42.58 other tools use
+    assert abs(GAMMA_BAR_MHZ_PER_T / 42.58 - 1) < 1e-4
 
 
 def test_one_ppm_phase_at_3t():

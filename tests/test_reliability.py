@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from qsmnet.physics.units import GAMMA_BAR_MHZ_PER_T
+from qsmnet.physics.units import GAMMA_BAR_MHZ_PER_T, ppm_to_phase
 from qsmnet.transforms.reliability import fill_unreliable, phase_step_ppm, unreliable_phase_mask
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -27,7 +27,9 @@ def _smooth_field(shape=(40, 40, 40)):
 def test_phase_step_ppm_is_the_field_of_that_phase_at_that_echo():
     assert phase_step_ppm(TE1, B0, 2 * math.pi) == pytest.approx(JUMP_PPM, rel=1e-12)
     assert phase_step_ppm(TE1, B0) == pytest.approx(JUMP_PPM / 4, rel=1e-12)
-    assert JUMP_PPM == pytest.approx(1.9572, abs=1e-4)
+    # the step is the field whose phase at TE1 is exactly one turn (the forward phase model)
+    assert float(ppm_to_phase(torch.tensor(JUMP_PPM, dtype=torch.float64), TE1, B0)) == \
+        pytest.approx(2 * math.pi, rel=1e-12)
     with pytest.raises(ValueError):
         phase_step_ppm(0.0, B0)
 
@@ -82,6 +84,7 @@ def test_reconstruct_keeps_aliased_voxels_out_of_pdf():
     count in the fitted field. Without the reliability test the spike stays in PDF's local field
     and disturbs its fit; with it the background (a harmonic field: true local field 0) is
     removed everywhere."""
+    from qsmnet.inference.options import ReconOptions
     from qsmnet.inference.pipeline import reconstruct
 
     shape = (40, 40, 40)
@@ -97,8 +100,8 @@ def test_reconstruct_keeps_aliased_voxels_out_of_pdf():
     sample = {"phase": phase, "magnitude": np.ones_like(phase), "te_s": te, "b0_t": B0,
               "voxel_size_mm": (1.0, 1.0, 1.0), "b0_dir": (0.0, 0.0, 1.0), "mask": mask}
     ident = lambda f, *a: f  # noqa: E731
-    on = reconstruct(sample, inverter=ident, start="phase", bfr="pdf")
-    off = reconstruct(sample, inverter=ident, start="phase", bfr="pdf", max_phase_step_rad=None)
+    on = reconstruct(sample, ReconOptions(bfr="pdf"), inverter=ident)
+    off = reconstruct(sample, ReconOptions(bfr="pdf", max_phase_step_rad=None), inverter=ident)
     fitted = on.total_field_ppm.numpy()
     err = fitted - true
     err -= np.median(err[mask])

@@ -257,15 +257,3 @@ def test_empty_and_full_masks():
     torch.testing.assert_close(unwrap_laplacian(psi, empty), psi)
     full = torch.ones(truth.shape, dtype=torch.bool)
     torch.testing.assert_close(unwrap_laplacian(psi, full), unwrap_laplacian(psi, None))
-
-
-def test_hydra_config_instantiates():
-    from pathlib import Path
-
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "preprocess"
-                         / "unwrap_laplacian.yaml")
-    t = instantiate(cfg)
-    assert isinstance(t, LaplacianUnwrap) and t.method == "dct" and t.integer_correction

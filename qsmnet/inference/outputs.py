@@ -65,13 +65,22 @@ def write_reconstruction(rec: Reconstruction, chimap_path: str | Path, affine: n
     return written
 
 
+#: The NIfTI header description (``descrip``) of each output: what it holds, in which unit.
+NIFTI_DESCRIPTIONS = {
+    "chimap": "chi ppm, referenced to its mean in the mask",
+    "localfield": "local field ppm", "totalfield": "total field ppm", "mask": "mask",
+    "unreliable": "unreliable phase mask", "fieldsupport": "field support mask",
+}
+
+
 def _write_staged(out: OutputSet, rec: Reconstruction, paths: dict[str, Path],
                   affine: np.ndarray, header: Any, voxel_size_mm, inputs: Mapping[str, Any],
                   preview: bool, timings_extra: Mapping[str, float] | None) -> dict[str, Path]:
     written: dict[str, Path] = {}
 
     def nifti(key: str, volume, dtype=np.float32) -> None:
-        save_nifti(out.path(paths[key]), volume, affine, header, dtype=dtype)
+        save_nifti(out.path(paths[key]), volume, affine, header, dtype=dtype,
+                   description=NIFTI_DESCRIPTIONS[key])
         written[key] = paths[key]
 
     mask = rec.chi_mask.numpy().astype(np.uint8)

@@ -1,33 +1,39 @@
 """The reconstruction chain on one subject: phase -> total field -> local field -> chi.
 
 :func:`reconstruct` starts wherever the input is (wrapped multi-echo phase, a total field or a
-local field), runs the remaining stages with qsmnet's transforms on the chosen device, and returns
-every intermediate map with the mask each lives on and the time each stage took.
+local field) and runs the remaining stages on the chosen device as a chain of named steps, each
+a ``sample dict -> sample dict`` callable: qsmnet's transforms through their dict twins
+(:meth:`qsmnet.transforms.base.Transform.apply`: ``BrainMask``, ``FieldSupport``,
+``FieldMapping``, the background-removal transform of the options), the unreliable-phase test
+and fill, and the dipole inversion. It returns every intermediate map with the mask each lives
+on and the time each stage took.
+
+Working keys beyond those of :mod:`qsmnet.transforms.base`: ``field_support_mask`` (the region
+field mapping and background removal run on), ``unreliable_mask``, ``bfr_weights``,
+``inversion_field_ppm`` and ``inversion_mask`` (what background removal returned).
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from qsmnet.inference.dipole import make_inverter
+from qsmnet.inference.options import ReconOptions
 from qsmnet.io.errors import QSMInputError
-from qsmnet.transforms.background import BFR_METHODS, remove_background
+from qsmnet.physics.geometry import Geometry
+from qsmnet.transforms.background import make_bfr_transform
+from qsmnet.transforms.base import DictTransform, Sample
 from qsmnet.transforms.field_mapping import FieldMapping
-from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM, field_support_mask
+from qsmnet.transforms.field_support import FieldSupport
 from qsmnet.transforms.inversion import reference_to_mask_mean
 from qsmnet.transforms.masking import BrainMask
 from qsmnet.transforms import check_te_s
-from qsmnet.transforms.reliability import (
-    DEFAULT_MAX_PHASE_STEP_RAD,
-    fill_unreliable,
-    unreliable_phase_mask,
-)
+from qsmnet.transforms.reliability import fill_unreliable, unreliable_phase_mask
 
 STARTS = ("phase", "totalfield", "localfield")
 
@@ -82,170 +88,249 @@ def invert_on_support(inverter: Callable, field_ppm: torch.Tensor, inversion_mas
 
 @contextmanager
 def _stage_timer(timings: dict[str, float], key: str, device: torch.device | None = None):
-    """Time the enclosed stage into ``timings[key]`` (s), after syncing ``device`` if given."""
+    """Time the enclosed stage into ``timings[key]`` (s, added up over its steps), after
+    syncing ``device`` if given."""
     t0 = time.perf_counter()
     yield
     if device is not None:
         _sync(device)
-    timings[key] = time.perf_counter() - t0
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
-def _to_device_fn(device: torch.device) -> Callable[[Any], torch.Tensor]:
+Step = Callable[[Sample], Sample]
+
+
+def _working_sample(sample: Mapping[str, Any], geometry: Geometry, start: str,
+                    device: torch.device) -> Sample:
+    """The input's tensors on ``device`` (float32, the mask bool), geometry as tuples."""
     def to_dev(x):
         return torch.as_tensor(x).to(device=device, dtype=torch.float32)
 
-    return to_dev
+    keys = {"phase": ("phase", "magnitude"), "totalfield": ("total_field_ppm",),
+            "localfield": ("local_field_ppm",)}[start]
+    s: Sample = {k: to_dev(sample[k]) for k in keys if sample.get(k) is not None}
+    s.update(voxel_size_mm=geometry.voxel_size_mm, b0_dir=geometry.b0_dir)
+    for k in ("te_s", "b0_t"):
+        if k in sample:
+            s[k] = sample[k]
+    mask = sample.get("mask")
+    s["mask"] = None if mask is None else torch.as_tensor(mask).to(device=device,
+                                                                   dtype=torch.bool)
+    return s
 
 
-def _check_options(start: str, bfr: str, field_margin_mm: float | None) -> None:
-    if start not in STARTS:
-        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
-    if bfr not in BFR_METHODS:
-        raise QSMInputError(f"unknown background-removal method {bfr!r}: use "
-                            f"{', '.join(BFR_METHODS)}")
-    if field_margin_mm is not None and not field_margin_mm >= 0:
-        raise QSMInputError(f"the field margin must be >= 0 mm, got {field_margin_mm}")
+def _check_mask(s: Sample) -> Sample:
+    if not bool(s["mask"].any()):
+        raise QSMInputError("the mask is empty")
+    return s
 
 
-def _map_phase_to_field(sample: Mapping[str, Any], mask: torch.Tensor | None, fm: FieldMapping,
-                        vs: torch.Tensor, field_margin_mm: float | None, device: torch.device,
-                        timings: dict[str, float], params: dict[str, Any]):
-    """Mask (automatic if none), field support and field mapping from phase.
-
-    Returns ``(mask, support, total, noise)``; fills the ``mask``, ``field_support`` and
-    ``field_mapping`` timings and the matching ``params``.
-    """
-    to_dev = _to_device_fn(device)
-    mag = sample.get("magnitude")
-    if mask is None:
-        if mag is None:
+def _field_mapping_steps(s: Sample, options: ReconOptions, fm: FieldMapping,
+                         params: dict[str, Any]) -> list[tuple[str, Step]]:
+    """Mask (automatic if none), field support and field mapping, from phase."""
+    steps: list[tuple[str, Step]] = []
+    has_mag = s.get("magnitude") is not None
+    if s["mask"] is None:
+        if not has_mag:
             raise QSMInputError("no mask and no magnitude: give a mask or the magnitude "
                                 "images so an automatic mask can be made")
-        with _stage_timer(timings, "mask", device):
-            mask = BrainMask()(to_dev(mag), None, vs.tolist())
+        steps.append(("mask", DictTransform(BrainMask(), {"magnitude": "magnitude",
+                                                          "voxel_size_mm": "voxel_size_mm"})))
         params["mask"] = "automatic (BrainMask, Otsu)"
     else:
         params["mask"] = "given"
-    support = mask
-    if field_margin_mm and mag is not None:
-        with _stage_timer(timings, "field_support"):
-            support = field_support_mask(mask, mag, vs.tolist(), float(field_margin_mm))
-    params["field_margin_mm"] = float(field_margin_mm or 0.0) if mag is not None else 0.0
-    params["support_rim_voxels"] = int((support & ~mask).sum())
-    with _stage_timer(timings, "field_mapping", device):
-        total, support, noise = fm(to_dev(sample["phase"]), None if mag is None else to_dev(mag),
-                                   sample["te_s"], float(sample["b0_t"]), support, vs.tolist())
-    return mask, support, total, noise
+    steps.append(("mask", _check_mask))
+    margin = float(options.field_margin_mm or 0.0) if has_mag else 0.0
+    if margin:
+        steps.append(("field_support", DictTransform(FieldSupport(margin))))
+    else:
+        steps.append(("field_support", lambda x: {**x, "field_support_mask": x["mask"]}))
+    params["field_margin_mm"] = margin
+    s.setdefault("magnitude", None)
+    steps.append(("field_mapping", DictTransform(
+        fm, {"phase_rad": "phase", "magnitude": "magnitude", "te_s": "te_s", "b0_t": "b0_t",
+             "mask": "field_support_mask", "voxel_size_mm": "voxel_size_mm"},
+        ["total_field_ppm", "field_support_mask", "field_noise_ppm"])))
+    return steps
 
 
-def _remove_background_stage(sample: Mapping[str, Any], start: str, bfr: str,
-                             bfr_params: Mapping[str, Any] | None, total: torch.Tensor,
-                             support: torch.Tensor, mask: torch.Tensor, vs: torch.Tensor,
-                             b0: torch.Tensor, ref_index: int | None,
-                             max_phase_step_rad: float | None, device: torch.device,
-                             timings: dict[str, float], params: dict[str, Any]):
-    """Background removal (with the unreliable-phase handling from phase).
+def _unreliable_step(max_step_rad: float, ref_index: int, weigh: bool,
+                     params: dict[str, Any]) -> Step:
+    """Flag voxels whose field jumps too far between neighbours; with ``weigh``, background
+    removal gets them as zero weight (``bfr_weights``)."""
+    def step(s: Sample) -> Sample:
+        te_ref = float(check_te_s(s["te_s"])[ref_index])
+        unreliable = unreliable_phase_mask(s["total_field_ppm"], s["field_support_mask"], te_ref,
+                                           float(s["b0_t"]), max_step_rad)
+        params["unreliable_voxels"] = int(unreliable.sum())
+        out = {**s, "unreliable_mask": unreliable}
+        if weigh:
+            out["bfr_weights"] = (s["field_support_mask"] & ~unreliable).to(
+                s["total_field_ppm"].dtype)
+        return out
 
-    Returns ``(local, inv_mask, unreliable)``; fills the ``background_removal`` timing.
-    """
-    unreliable = None
-    with _stage_timer(timings, "background_removal", device):
-        kwargs = dict(bfr_params or {})
-        if start == "phase" and max_phase_step_rad:
-            te_ref = float(check_te_s(sample["te_s"])[ref_index])
-            unreliable = unreliable_phase_mask(total, support, te_ref, float(sample["b0_t"]),
-                                               max_phase_step_rad)
-            params["unreliable_voxels"] = int(unreliable.sum())
-            if bfr == "pdf" and "weights" not in kwargs:
-                kwargs["weights"] = (support & ~unreliable).to(total.dtype)
-        local, inv_mask = remove_background(bfr, total, support, tuple(vs.tolist()),
-                                            tuple(b0.tolist()), **kwargs)
-        if unreliable is not None:
-            local = reference_to_mask_mean(
-                fill_unreliable(local, inv_mask, unreliable & inv_mask, vs.tolist()), inv_mask)
-    if not bool((inv_mask & mask).any()):
-        raise QSMInputError(f"{bfr} eroded the whole mask: the brain mask is too small for "
-                            "this background-removal radius")
-    return local, inv_mask, unreliable
+    return step
 
 
-def reconstruct(sample: Mapping[str, Any], method: str = "unet", start: str = "phase",
-                bfr: str = "pdf", device: str | torch.device = "cpu",
-                bfr_params: Mapping[str, Any] | None = None,
-                field_mapping: FieldMapping | None = None,
-                inverter: Callable | None = None,
-                max_phase_step_rad: float | None = DEFAULT_MAX_PHASE_STEP_RAD,
-                field_margin_mm: float | None = DEFAULT_FIELD_MARGIN_MM) -> Reconstruction:
+def _fill_unreliable(s: Sample) -> Sample:
+    inv_mask = s["inversion_mask"]
+    filled = fill_unreliable(s["inversion_field_ppm"], inv_mask, s["unreliable_mask"] & inv_mask,
+                             s["voxel_size_mm"])
+    return {**s, "inversion_field_ppm": reference_to_mask_mean(filled, inv_mask)}
+
+
+def _check_bfr_kept_brain(bfr: str) -> Step:
+    def step(s: Sample) -> Sample:
+        if not bool((s["inversion_mask"] & s["mask"]).any()):
+            raise QSMInputError(f"{bfr} eroded the whole mask: the brain mask is too small for "
+                                "this background-removal radius")
+        return s
+
+    return step
+
+
+def _background_steps(s: Sample, options: ReconOptions, start: str, ref_index: int | None,
+                      params: dict[str, Any]) -> list[tuple[str, Step]]:
+    """Background removal, with the unreliable-phase test and fill from phase."""
+    steps: list[tuple[str, Step]] = []
+    if start == "totalfield":
+        steps.append(("mask", _check_mask))
+        steps.append(("background_removal",
+                      lambda x: {**x, "field_support_mask": x["mask"]}))
+    bfr_params = dict(options.bfr_params)
+    check_unreliable = start == "phase" and bool(options.max_phase_step_rad)
+    if check_unreliable:
+        weigh = options.bfr == "pdf" and "weights" not in bfr_params
+        steps.append(("background_removal", _unreliable_step(
+            float(options.max_phase_step_rad), ref_index, weigh, params)))
+    keys = {"field_ppm": "total_field_ppm", "mask": "field_support_mask",
+            "voxel_size_mm": "voxel_size_mm"}
+    if options.bfr == "pdf":
+        keys["b0_dir"] = "b0_dir"
+        if "weights" in bfr_params:
+            s["bfr_weights"] = bfr_params["weights"]
+        if "weights" in bfr_params or check_unreliable:
+            keys["weights"] = "bfr_weights"
+    steps.append(("background_removal", DictTransform(
+        make_bfr_transform(options.bfr, bfr_params), keys,
+        ["inversion_field_ppm", "inversion_mask"])))
+    if check_unreliable:
+        steps.append(("background_removal", _fill_unreliable))
+    steps.append(("background_removal", _check_bfr_kept_brain(options.bfr)))
+    return steps
+
+
+def _inversion_step(inverter: Callable) -> Step:
+    def step(s: Sample) -> Sample:
+        chi, chi_mask = invert_on_support(inverter, s["inversion_field_ppm"], s["inversion_mask"],
+                                          s["mask"], s["voxel_size_mm"], s["b0_dir"])
+        return {**s, "chi_ppm": chi, "chi_mask": chi_mask}
+
+    return step
+
+
+def _local_field_steps() -> list[tuple[str, Step]]:
+    def step(s: Sample) -> Sample:
+        mask = s["mask"]
+        return {**s, "inversion_field_ppm": s["local_field_ppm"] * mask, "inversion_mask": mask}
+
+    return [("mask", _check_mask), ("dipole_inversion", step)]
+
+
+def reconstruction_steps(sample: Sample, options: ReconOptions, start: str, inverter: Callable,
+                         field_mapping: FieldMapping | None, params: dict[str, Any]
+                         ) -> list[tuple[str, Step]]:
+    """The chain of named steps :func:`reconstruct` runs from ``start`` (in order; the name is
+    the stage a step's time is counted under)."""
+    steps: list[tuple[str, Step]] = []
+    ref_index = None
+    if start == "phase":
+        fm = field_mapping if field_mapping is not None else FieldMapping()
+        ref_index = fm.ref_index
+        steps += _field_mapping_steps(sample, options, fm, params)
+    elif sample["mask"] is None:
+        raise QSMInputError(f"a mask is needed when starting from the {start}")
+    if start in ("phase", "totalfield"):
+        steps += _background_steps(sample, options, start, ref_index, params)
+    else:
+        steps += _local_field_steps()
+    steps.append(("dipole_inversion", _inversion_step(inverter)))
+    return steps
+
+
+def _run_steps(s: Sample, steps: Sequence[tuple[str, Step]], device: torch.device,
+               timings: dict[str, float]) -> Sample:
+    for name, step in steps:
+        with _stage_timer(timings, name, device):
+            s = step(s)
+    return s
+
+
+def reconstruct(sample: Mapping[str, Any], options: ReconOptions | None = None,
+                start: str = "phase", inverter: Callable | None = None,
+                field_mapping: FieldMapping | None = None) -> Reconstruction:
     """Reconstruct chi (ppm) from a sample dict (keys of :mod:`qsmnet.transforms.base`).
 
     Parameters
     ----------
     sample : mapping
         ``start="phase"``: ``phase`` (E, X, Y, Z) rad, ``magnitude`` (optional), ``te_s``,
-        ``b0_t``; ``"totalfield"``: ``field_ppm``; ``"localfield"``: ``local_field_ppm``. Always
-        ``voxel_size_mm``, ``b0_dir``; ``mask`` optional for phase input (automatic mask from the
-        magnitude), required otherwise.
-    method : dipole inversion (see :func:`qsmnet.inference.dipole.make_inverter`).
-    bfr : background-field removal: ``pdf`` (default), ``vsharp``, ``resharp`` or ``vresharp``.
-    inverter : a ready inverter (overrides ``method``; lets callers load a network once).
-    max_phase_step_rad : from phase, voxels whose field jumps by more than this phase (at the
-        spatially unwrapped echo) from a neighbour are treated as unreliable (2pi aliasing next
-        to air): PDF gives them zero weight, and their local field is filled in from reliable
-        neighbours before the inversion (not the *total* field before an SMV filter: that fill is
-        less accurate on steep fields than the few wrong voxels it replaces; "Unreliable phase"
-        in the notes of ``docs/benchmarks.md``). ``None`` or 0 turns this off.
-    field_margin_mm : from phase with magnitude, field mapping, background removal and the
-        inversion also use the voxels up to this far outside the brain mask whose magnitude is
-        like the brain's (the CSF rim; :func:`qsmnet.transforms.field_support.field_support_mask`),
-        and chi is reported on the brain mask. ``None`` or 0 uses the brain mask alone (as a
-        local or total field given as input always does: its values outside the mask are not
-        known to be measured).
+        ``b0_t``; ``"totalfield"``: ``total_field_ppm``; ``"localfield"``: ``local_field_ppm``.
+        Always ``voxel_size_mm``, ``b0_dir`` (read once into a
+        :class:`~qsmnet.physics.geometry.Geometry`); ``mask`` optional for phase input
+        (automatic mask from the magnitude), required otherwise.
+    options : ReconOptions
+        Method, background removal, device and their settings (defaults when None). From
+        phase, voxels whose field jumps by more than ``options.max_phase_step_rad`` are treated
+        as unreliable: PDF gives them zero weight, and their local field is filled in from
+        reliable neighbours before the inversion (not the *total* field before an SMV filter:
+        that fill is less accurate on steep fields than the few wrong voxels it replaces;
+        "Unreliable phase" in the notes of ``docs/benchmarks.md``). From phase with magnitude,
+        field mapping, background removal and the inversion also use the rim of
+        ``options.field_margin_mm`` around the brain mask, and chi is reported on the brain
+        mask (a local or total field given as input is used on the mask alone: its values
+        outside the mask are not known to be measured).
+    start : ``"phase"``, ``"totalfield"`` or ``"localfield"``
+        Where the input enters the chain.
+    inverter : a ready inverter (overrides ``options.method``; lets callers load a network
+        once).
+    field_mapping : a configured :class:`~qsmnet.transforms.field_mapping.FieldMapping`
+        (default settings when None).
     """
-    _check_options(start, bfr, field_margin_mm)
-    device = torch.device(device)
-    vs = torch.as_tensor(sample["voxel_size_mm"], dtype=torch.float64).reshape(3)
-    b0 = torch.as_tensor(sample["b0_dir"], dtype=torch.float64).reshape(3)
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    options = options if options is not None else ReconOptions()
+    device = options.torch_device
+    geometry = Geometry.of_sample(sample)
     timings: dict[str, float] = {}
-    params: dict[str, Any] = {"start": start, "bfr": bfr, "device": str(device)}
+    params: dict[str, Any] = {"start": start, "bfr": options.bfr, "device": str(device)}
     if inverter is None:
-        inverter = make_inverter(method, device, after_bfr=start != "localfield")
-    to_dev = _to_device_fn(device)
-
-    mask = sample.get("mask")
-    mask = None if mask is None else torch.as_tensor(mask).to(device=device, dtype=torch.bool)
-    total = noise = fm = None
+        inverter = options.make_inverter(after_bfr=start != "localfield")
+    s = _working_sample(sample, geometry, start, device)
+    steps = reconstruction_steps(s, options, start, inverter, field_mapping, params)
+    s = _run_steps(s, steps, device, timings)
     if start == "phase":
-        fm = field_mapping if field_mapping is not None else FieldMapping()
-        mask, support, total, noise = _map_phase_to_field(
-            sample, mask, fm, vs, field_margin_mm, device, timings, params)
-    elif mask is None:
-        raise QSMInputError(f"a mask is needed when starting from the {start}")
-    else:
-        support = mask
-    if not bool(mask.any()):
-        raise QSMInputError("the mask is empty")
-
-    unreliable = None
-    if start in ("phase", "totalfield"):
-        if total is None:
-            total = to_dev(sample["field_ppm"])
-        ref_index = fm.ref_index if fm is not None else None
-        local, inv_mask, unreliable = _remove_background_stage(
-            sample, start, bfr, bfr_params, total, support, mask, vs, b0, ref_index,
-            max_phase_step_rad, device, timings, params)
-    else:
-        local = to_dev(sample["local_field_ppm"]) * mask
-        inv_mask = mask
-
-    with _stage_timer(timings, "dipole_inversion", device):
-        chi, chi_mask = invert_on_support(inverter, local, inv_mask, mask, vs, b0)
-    params["method"] = getattr(inverter, "name", None) or str(method)
+        params["support_rim_voxels"] = int((s["field_support_mask"] & ~s["mask"]).sum())
+    params["method"] = getattr(inverter, "name", None) or options.method
     params["method_params"] = {k: v for k, v in getattr(inverter, "params", {}).items()
                                if k != "model_config"}
-    cpu = (lambda x: None if x is None else x.detach().to("cpu"))  # noqa: E731
-    local_brain = reference_to_mask_mean(local, chi_mask)
-    return Reconstruction(chi_ppm=cpu(chi), local_field_ppm=cpu(local_brain),
-                          chi_mask=cpu(chi_mask), mask=cpu(mask), total_field_ppm=cpu(total),
-                          field_noise_ppm=cpu(noise), unreliable_mask=cpu(unreliable),
-                          support_mask=cpu(support), inversion_mask=cpu(inv_mask),
-                          inversion_field_ppm=cpu(local), timings_s=timings, params=params)
+    return _reconstruction(s, timings, params)
+
+
+def _reconstruction(s: Sample, timings: dict[str, float], params: dict[str, Any]
+                    ) -> Reconstruction:
+    def cpu(key):
+        x = s.get(key)
+        return None if x is None else x.detach().to("cpu")
+
+    local_brain = reference_to_mask_mean(s["inversion_field_ppm"], s["chi_mask"])
+    return Reconstruction(chi_ppm=cpu("chi_ppm"), local_field_ppm=local_brain.detach().cpu(),
+                          chi_mask=cpu("chi_mask"), mask=cpu("mask"),
+                          total_field_ppm=cpu("total_field_ppm"),
+                          field_noise_ppm=cpu("field_noise_ppm"),
+                          unreliable_mask=cpu("unreliable_mask"),
+                          support_mask=cpu("field_support_mask") if "field_support_mask" in s
+                          else cpu("mask"),
+                          inversion_mask=cpu("inversion_mask"),
+                          inversion_field_ppm=cpu("inversion_field_ppm"), timings_s=timings,
+                          params=params)

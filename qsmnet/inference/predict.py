@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from qsmnet.inference.dipole import make_inverter
 from qsmnet.inference.outputs import output_paths, write_reconstruction
+from qsmnet.inference.options import ReconOptions
 from qsmnet.inference.pipeline import reconstruct
 from qsmnet.inference.resources import check_memory
 from qsmnet.io import (
@@ -33,15 +31,6 @@ from qsmnet.io.bids import write_derivative_description
 from qsmnet.io.output_set import check_writable, locked_folders, refuse_earlier_outputs
 
 log = logging.getLogger("qsmnet")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an input error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QSMInputError("--device cuda: no CUDA device is available")
-    return torch.device(device)
 
 
 def _inputs_record(acq: Acquisition) -> dict[str, Any]:
@@ -95,50 +84,68 @@ def _derivatives_root(args) -> Path | None:
 def run_predict(args) -> int:
     """Handler of ``qsmnet predict`` (arguments validated by :mod:`qsmnet.cli`).
 
-    Inputs are read and checked, then every output folder is checked for writing, locked
-    against other runs and checked for earlier outputs (replaced only with ``--overwrite``),
-    and the memory the reconstruction needs is estimated, all before the method is loaded.
+    The command line is turned, once, into the acquisitions to reconstruct (read and checked)
+    and a :class:`~qsmnet.inference.options.ReconOptions`; :func:`predict` does the rest.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    device = resolve_device(args.device)
+    options = ReconOptions.from_args(args)
     jobs = _jobs_from_args(args)
-    deriv = _derivatives_root(args)
-    folders = sorted({chimap.parent for _, chimap in jobs})
-    for folder in folders + ([deriv] if deriv is not None else []):
-        check_writable(folder, "--out" if args.out is not None else "derivatives of --bids")
-    with locked_folders(folders):
-        _refuse_overwrite(jobs, args.overwrite)
-        if not args.skip_memory_check:
-            for acq, _ in jobs:
-                check_memory(acq.shape, acq.n_echoes, str(args.method), device,
-                             source=acq.name)
-        _predict_jobs(args, jobs, device, deriv, Progress(
-            TextColumn("{task.description}"), BarColumn(),
-            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), transient=False))
+    predict(jobs, options, derivatives_root=_derivatives_root(args),
+            sources=[str(args.bids)] if args.bids is not None else [],
+            out_flag="--out" if args.out is not None else "derivatives of --bids",
+            overwrite=args.overwrite, memory_check=not args.skip_memory_check,
+            preview=not args.no_preview)
     return 0
 
 
-def _predict_jobs(args, jobs: list[tuple[Acquisition, Path]], device: torch.device,
-                  deriv: Path | None, progress) -> None:
+def predict(jobs: list[tuple[Acquisition, Path]], options: ReconOptions,
+            derivatives_root: Path | None = None, sources: list[str] | None = None,
+            out_flag: str = "--out", overwrite: bool = False, memory_check: bool = True,
+            preview: bool = True) -> list[dict[str, Path]]:
+    """Reconstruct each ``(acquisition, chimap path)`` and write its outputs as one set.
+
+    Every output folder is checked for writing, locked against other runs and checked for
+    earlier outputs (replaced only with ``overwrite``), and the memory the reconstruction needs
+    is estimated (unless ``memory_check`` is off), all before the method is loaded.
+    ``derivatives_root``: BIDS derivatives folder whose ``dataset_description.json`` is written
+    (``sources``: the raw datasets it derives from). Returns the written paths per acquisition.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    device = options.torch_device
+    folders = sorted({chimap.parent for _, chimap in jobs})
+    for folder in folders + ([derivatives_root] if derivatives_root is not None else []):
+        check_writable(folder, out_flag)
+    with locked_folders(folders):
+        _refuse_overwrite(jobs, overwrite)
+        if memory_check:
+            for acq, _ in jobs:
+                check_memory(acq.shape, acq.n_echoes, options.method, device, source=acq.name)
+        progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                            transient=False)
+        return _predict_jobs(jobs, options, derivatives_root, sources or [], preview, progress)
+
+
+def _predict_jobs(jobs: list[tuple[Acquisition, Path]], options: ReconOptions,
+                  deriv: Path | None, sources: list[str], preview: bool, progress
+                  ) -> list[dict[str, Path]]:
     t0 = time.perf_counter()
-    inverter = make_inverter(args.method, device,
-                             refine_iterations=args.dc_iterations,
-                             after_bfr=True)
+    inverter = options.make_inverter(after_bfr=True)
     load_s = time.perf_counter() - t0
+    results = []
     with progress:
         task = progress.add_task("qsmnet predict", total=len(jobs))
         for acq, chimap in jobs:
             progress.update(task, description=f"{acq.name}")
-            sample = acq.to_sample(device="cpu")
-            rec = reconstruct(sample, method=str(args.method), inverter=inverter, start="phase",
-                              bfr=args.bfr, device=device, max_phase_step_rad=args.max_phase_step,
-                              field_margin_mm=args.field_margin)
+            rec = reconstruct(acq.to_sample(device="cpu"), options, start="phase",
+                              inverter=inverter)
             written = write_reconstruction(
                 rec, chimap, acq.affine, acq.header, acq.voxel_size_mm, _inputs_record(acq),
-                preview=not args.no_preview, timings_extra={"model_load": load_s})
+                preview=preview, timings_extra={"model_load": load_s})
             if deriv is not None:
-                write_derivative_description(deriv, [str(args.bids)])
+                write_derivative_description(deriv, sources)
             log.info("%s: wrote %s", acq.name, written["chimap"])
             progress.console.print(f"{acq.name}: {written['chimap']}")
             progress.advance(task)
+            results.append(written)
+    return results

@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from qsmnet.inference.dipole import make_inverter
 from qsmnet.inference.pipeline import reconstruct
-from qsmnet.inference.predict import resolve_device
+from qsmnet.inference.options import ReconOptions
 from qsmnet.inference.resources import check_memory
 from qsmnet.io import read_qsmci_inputs, reader_options
 from qsmnet.io.atomic import atomic_write_json
@@ -32,17 +30,12 @@ from qsmnet.io.nifti import save_nifti
 from qsmnet.io.output_set import FolderLock, OutputSet, check_writable, refuse_earlier_outputs
 from qsmnet.io.qsmci import QSMCI_OUTPUT
 from qsmnet.transforms.field_mapping import FieldMapping
-from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM
-from qsmnet.transforms.reliability import DEFAULT_MAX_PHASE_STEP_RAD
 
 log = logging.getLogger("qsmnet")
 
 
-def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
-              phase_sign: int = 1, bfr: str = "pdf", dc_iterations: int | None = None,
-              max_phase_step_rad: float | None = DEFAULT_MAX_PHASE_STEP_RAD,
-              field_margin_mm: float | None = DEFAULT_FIELD_MARGIN_MM,
-              input_options: dict | None = None, overwrite: bool = False,
+def run_stage(stage: str, in_dir, out_dir, options: ReconOptions | None = None,
+              phase_sign: int = 1, input_options: dict | None = None, overwrite: bool = False,
               memory_check: bool = True) -> Path:
     """Run one QSM-CI stage; returns the path of the written output.
 
@@ -51,19 +44,17 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
     computed, and so is the memory the stage needs (unless ``memory_check`` is off). The
     output and its companions are written as one set (:class:`~qsmnet.io.output_set.OutputSet`).
 
-    ``dc_iterations``: test-time data-consistency iterations after the inversion (None: what
-    the model recommends for this input, 0 for the classical methods; 0: off).
-    ``max_phase_step_rad``: the unreliable-phase limit of :func:`reconstruct` (end-to-end; 0 or
-    None: off); the flagged voxels are written beside the output as ``unreliable_mask.nii.gz``.
-    ``field_margin_mm``: end-to-end, the rim of reliable signal around the mask that field
-    mapping, background removal and the inversion also use (0 or None: the mask alone); the
-    region is written beside the output as ``fieldsupport_mask.nii.gz``. The field-mapping stage
-    writes the total field on the mask alone, as the contract has it.
+    ``options``: the method, background removal and their settings
+    (:class:`~qsmnet.inference.options.ReconOptions`; defaults when None). End-to-end, the
+    voxels flagged by the unreliable-phase test are written beside the output as
+    ``unreliable_mask.nii.gz`` and the field-support region as ``fieldsupport_mask.nii.gz``;
+    the field-mapping stage writes the total field on the mask alone, as the contract has it.
     ``input_options``: keyword arguments for :func:`~qsmnet.io.qsmci.read_qsmci_inputs` (the CLI
     passes :func:`~qsmnet.io.options.reader_options`).
     """
+    options = options if options is not None else ReconOptions()
     inputs = read_qsmci_inputs(in_dir, stage, phase_sign=phase_sign, **(input_options or {}))
-    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    device = options.torch_device
     out_dir = Path(out_dir)
     check_writable(out_dir, "OUT_DIR")
     names = stage_outputs(stage)
@@ -73,30 +64,32 @@ def run_stage(stage: str, in_dir, out_dir, method: str = "unet", device="cpu",
                                    "another OUT_DIR", record=out_dir / names[1])
         if memory_check:
             n_echoes = 1 if inputs.phase is None else inputs.phase.shape[0]
-            check_memory(inputs.mask.shape, n_echoes, str(method), device, source=inputs.name)
-        out, params, rec, seconds = _compute_stage(stage, inputs, method, device, bfr,
-                                                  dc_iterations, max_phase_step_rad,
-                                                  field_margin_mm)
-        with OutputSet(out_dir, replaces=names) as staged:
-            if stage == "end-to-end" and rec.unreliable_mask is not None:
-                # beside the canonical output: the voxels kept out of background removal and
-                # filled in
-                save_nifti(staged.path("unreliable_mask.nii.gz"),
-                           rec.unreliable_mask.numpy().astype(np.uint8), inputs.affine,
-                           inputs.header, dtype=np.uint8)
-            if stage == "end-to-end" and rec.support_mask is not None:
-                save_nifti(staged.path("fieldsupport_mask.nii.gz"),
-                           rec.support_mask.numpy().astype(np.uint8), inputs.affine,
-                           inputs.header, dtype=np.uint8)
-            atomic_write_json(staged.path(names[1]),
-                              {"stage": stage, "input": str(in_dir), "parameters": params,
-                               "seconds": seconds, "units": "ppm"})
-            save_nifti(staged.path(inputs.output_name), np.asarray(out.numpy(), np.float32),
-                       inputs.affine, inputs.header)
-            staged.commit(order=[inputs.output_name, names[1]])
+            check_memory(inputs.mask.shape, n_echoes, options.method, device, source=inputs.name)
+        out, params, rec, seconds = _compute_stage(stage, inputs, options)
+        _write_stage(stage, inputs, in_dir, out_dir, names, out, params, rec, seconds)
     path = out_dir / inputs.output_name
     log.info("%s: wrote %s in %.1f s", stage, path, seconds)
     return path
+
+
+def _write_stage(stage, inputs, in_dir, out_dir: Path, names, out, params, rec, seconds) -> None:
+    with OutputSet(out_dir, replaces=names) as staged:
+        if stage == "end-to-end" and rec.unreliable_mask is not None:
+            # beside the canonical output: the voxels kept out of background removal and
+            # filled in
+            save_nifti(staged.path("unreliable_mask.nii.gz"),
+                       rec.unreliable_mask.numpy().astype(np.uint8), inputs.affine,
+                       inputs.header, dtype=np.uint8)
+        if stage == "end-to-end" and rec.support_mask is not None:
+            save_nifti(staged.path("fieldsupport_mask.nii.gz"),
+                       rec.support_mask.numpy().astype(np.uint8), inputs.affine,
+                       inputs.header, dtype=np.uint8)
+        atomic_write_json(staged.path(names[1]),
+                          {"stage": stage, "input": str(in_dir), "parameters": params,
+                           "seconds": seconds, "units": "ppm"})
+        save_nifti(staged.path(inputs.output_name), np.asarray(out.numpy(), np.float32),
+                   inputs.affine, inputs.header)
+        staged.commit(order=[inputs.output_name, names[1]])
 
 
 def stage_outputs(stage: str) -> tuple[str, ...]:
@@ -109,10 +102,10 @@ def stage_outputs(stage: str) -> tuple[str, ...]:
     return names
 
 
-def _compute_stage(stage, inputs, method, device, bfr, dc_iterations, max_phase_step_rad,
-                   field_margin_mm):
+def _compute_stage(stage: str, inputs, options: ReconOptions):
     """(output volume, parameters, reconstruction or None, seconds) of one stage."""
     sample = inputs.to_sample(device="cpu")
+    device = options.torch_device
     t0 = time.perf_counter()
     rec = None
     if stage == "field-mapping":
@@ -120,28 +113,22 @@ def _compute_stage(stage, inputs, method, device, bfr, dc_iterations, max_phase_
         field, _, _ = FieldMapping()(sample["phase"].to(device),
                                      None if mag is None else mag.to(device), sample["te_s"],
                                      sample["b0_t"], sample["mask"].to(device),
-                                     sample["voxel_size_mm"].tolist())
+                                     inputs.geometry.voxel_size_mm)
         out, params = field.cpu(), {"method": "laplacian unwrap + MCPC-3D-S + WLS fit"}
     else:
         start = {"bfr": "totalfield", "dipole": "localfield", "end-to-end": "phase"}[stage]
-        inverter = (make_inverter(method, device, refine_iterations=dc_iterations,
-                                  after_bfr=stage == "end-to-end")
+        inverter = (options.make_inverter(after_bfr=stage == "end-to-end")
                     if stage != "bfr" else (lambda *a: a[0]))
-        rec = reconstruct(sample, method=str(method), inverter=inverter, start=start, bfr=bfr,
-                          device=device, max_phase_step_rad=max_phase_step_rad,
-                          field_margin_mm=field_margin_mm)
+        rec = reconstruct(sample, options, start=start, inverter=inverter)
         out = rec.local_field_ppm if stage == "bfr" else rec.chi_ppm
-        params = {"bfr": bfr} if stage == "bfr" else rec.params
+        params = {"bfr": options.bfr} if stage == "bfr" else rec.params
     return out, params, rec, time.perf_counter() - t0
 
 
 def run_stage_cli(args) -> int:
     """Handler of ``qsmnet run-stage`` (arguments validated by :mod:`qsmnet.cli`)."""
-    path = run_stage(args.stage, args.in_dir, args.out_dir, method=args.method,
-                     device=args.device, phase_sign=args.phase_sign,
-                     bfr=args.bfr, dc_iterations=args.dc_iterations,
-                     max_phase_step_rad=args.max_phase_step,
-                     field_margin_mm=args.field_margin, input_options=reader_options(args),
+    path = run_stage(args.stage, args.in_dir, args.out_dir, ReconOptions.from_args(args),
+                     phase_sign=args.phase_sign, input_options=reader_options(args),
                      overwrite=args.overwrite, memory_check=not args.skip_memory_check)
     print(path)
     return 0

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qsmnet.physics.geometry import Geometry
+
 __all__ = ["Acquisition"]
 
 
@@ -79,6 +81,12 @@ class Acquisition:
         self.b0_dir = np.asarray(self.b0_dir, dtype=np.float64).reshape(3)
         self.voxel_size_mm = np.asarray(self.voxel_size_mm, dtype=np.float64).reshape(3)
         self.affine = np.asarray(self.affine, dtype=np.float64).reshape(4, 4)
+        self.geometry  # noqa: B018 - validates voxel size and B0 direction
+
+    @property
+    def geometry(self) -> Geometry:
+        """Voxel size and B0 direction as a validated :class:`~qsmnet.physics.geometry.Geometry`."""
+        return Geometry(self.voxel_size_mm, self.b0_dir)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -25,6 +25,7 @@ from qsmnet.io.acquisition import Acquisition
 from qsmnet.io.atomic import atomic_write_json
 from qsmnet.io.echoes import load_echo_series, load_mask, resolve_b0_dir, series_name
 from qsmnet.io.errors import QSMInputError
+from qsmnet.io.phase import nifti_stored_scaling, phase_sign_from_sidecar, sidecar_phase_rescale
 from qsmnet.io.validate import (
     check_b0_t,
     check_magnitude_decay,
@@ -211,7 +212,7 @@ def _find_derivative_mask(root: Path, entities: dict[str, str], name: str) -> Pa
 
 
 def _read_group(root: Path, key: tuple, files: dict[str, dict[int, Path]],
-                mask_path, phase_sign: int, phase_units: str, mask_threshold: float | None,
+                mask_path, phase_sign: int | None, phase_units: str, mask_threshold: float | None,
                 decay_check: bool, min_extent: int, require_background: bool) -> Acquisition:
     entities = dict(key)
     name = "_".join(f"{k}-{v}" for k, v in key)
@@ -224,12 +225,17 @@ def _read_group(root: Path, key: tuple, files: dict[str, dict[int, Path]],
     te_list: list[float] = []
     b0_values: list[tuple[float, str]] = []
     b0_dir = None
+    rescales: list[tuple[float, float]] = []  # vendor phase scaling per echo (Philips)
+    metas: list[tuple[dict, str]] = []
     for e, path in zip(echoes, phase_paths):
         meta = _sidecar(path, root, dict(entities, echo=str(e), part="phase"), "MEGRE")
         if mags and ("EchoTime" not in meta or "MagneticFieldStrength" not in meta):
             mag_meta = _sidecar(mags[e], root, dict(entities, echo=str(e), part="mag"), "MEGRE")
             meta = {**mag_meta, **meta}
         sidecar = _json_name(path)
+        stored = nifti_stored_scaling(path) if "PhilipsRescaleSlope" in meta else None
+        rescales.append(sidecar_phase_rescale(meta, sidecar, stored)[0])
+        metas.append((meta, sidecar))
         if "EchoTime" not in meta:
             raise QSMInputError(f"{sidecar}: no EchoTime (s) in the JSON sidecar of "
                                 f"{path.name}")
@@ -246,7 +252,10 @@ def _read_group(root: Path, key: tuple, files: dict[str, dict[int, Path]],
         if abs(value - b0) > 1e-6 * b0:
             raise QSMInputError(f"{sidecar}: MagneticFieldStrength {value:g} T differs from "
                                 f"{first_sidecar} ({b0:g} T)")
-    phase = load_echo_series(phase_paths, "phase", phase_units, min_extent)
+    phase = load_echo_series(phase_paths, "phase", phase_units, min_extent,
+                             phase_rescale=rescales,
+                             phase_mrad=any("PhilipsRescaleSlope" in m for m, _ in metas))
+    phase_sign = phase_sign_from_sidecar(*metas[0], phase_sign)[0]
     first = phase_paths[0].name
     magnitude = None
     mag_paths = [mags[e] for e in echoes] if mags else []
@@ -274,7 +283,7 @@ def _read_group(root: Path, key: tuple, files: dict[str, dict[int, Path]],
 
 def read_bids_subject(root: str | os.PathLike, subject: str,
                       mask_path: str | os.PathLike | None = None,
-                      phase_sign: int = 1, phase_units: str = "auto",
+                      phase_sign: int | None = None, phase_units: str = "auto",
                       mask_threshold: float | None = None, decay_check: bool = True,
                       min_extent: int = 2, require_background: bool = False
                       ) -> list[Acquisition]:
@@ -290,8 +299,12 @@ def read_bids_subject(root: str | os.PathLike, subject: str,
         None (default): no mask. A path: that mask (must match the grid of every acquisition).
         :data:`BIDS_MASK_FROM_DERIVATIVES` (``"derivatives"``): the most specific
         ``derivatives/*/sub-<id>/[ses-*/]anat/*_mask.nii[.gz]`` whose entities match.
-    phase_sign : {1, -1}
-        Vendor polarity (see :class:`~qsmnet.io.acquisition.Acquisition`).
+    phase_sign : {1, -1} or None
+        Vendor polarity (see :class:`~qsmnet.io.acquisition.Acquisition`). None (the default,
+        ``--phase-sign`` not given): from the sidecar's ``Manufacturer``, -1 for GE, else +1
+        (:func:`~qsmnet.io.phase.phase_sign_from_sidecar`). Philips phase saved with dcm2niix's
+        precise scaling is scaled back to its display values (mrad) before its units are
+        recognised (:func:`~qsmnet.io.phase.sidecar_phase_rescale`).
     phase_units, mask_threshold, decay_check, min_extent, require_background
         As for :func:`~qsmnet.io.echoes.read_nifti_echoes` (``--phase-units``,
         ``--mask-threshold``, ``--no-decay-check``; the CLI passes the minimum extent and
@@ -310,7 +323,7 @@ def read_bids_subject(root: str | os.PathLike, subject: str,
     """
     r = _check_root(root)
     sub = _subject_id(subject)
-    if phase_sign not in (1, -1):
+    if phase_sign not in (1, -1, None):
         raise QSMInputError(f"--phase-sign: must be 1 or -1, got {phase_sign!r}")
     subject_dir = r / f"sub-{sub}"
     if not subject_dir.is_dir():

@@ -82,7 +82,9 @@ def series_name(paths: Sequence[PathLike]) -> str:
 
 
 def load_echo_series(paths: PathOrPaths, kind: str = "phase", phase_units: str = "auto",
-                     min_extent: int = 2) -> EchoSeries:
+                     min_extent: int = 2,
+                     phase_rescale: Sequence[tuple[float, float]] | None = None,
+                     phase_mrad: bool = False) -> EchoSeries:
     """Load echoes of one kind and check that they share a grid.
 
     Parameters
@@ -98,6 +100,13 @@ def load_echo_series(paths: PathOrPaths, kind: str = "phase", phase_units: str =
     min_extent : int
         Fewest voxels along each spatial axis (the CLI passes
         :data:`~qsmnet.io.validate.MIN_EXTENT_VOXELS`; 2 only refuses 2-D images).
+    phase_rescale : sequence of (float, float), optional
+        One ``(scale, offset)`` per file, applied as ``v * scale + offset`` to the phase values
+        before their units are recognised (vendor scalings read from sidecars,
+        :func:`~qsmnet.io.phase.sidecar_phase_rescale`).
+    phase_mrad : bool
+        Let ``auto`` units take milliradians (Philips display values; ``mrad`` of
+        :func:`~qsmnet.io.phase.phase_to_radians`).
 
     Raises
     ------
@@ -126,6 +135,10 @@ def load_echo_series(paths: PathOrPaths, kind: str = "phase", phase_units: str =
         else:
             check_same_grid(echoes.shape[1:], affine, shape0, affine0, name,
                             f"echo 1 ({display_name(plist[0])})")
+        if kind == "phase" and phase_rescale is not None and tuple(phase_rescale[i]) != (1, 0):
+            # float64: the result is rounded once, when the radians are stored as float32
+            scale, offset = phase_rescale[i]
+            echoes = echoes.astype(np.float64) * scale + offset
         if kind != "phase":
             echoes = echoes.astype(np.float32, copy=False)
             peak = float(np.max(np.abs(echoes)))
@@ -137,7 +150,8 @@ def load_echo_series(paths: PathOrPaths, kind: str = "phase", phase_units: str =
     stacked = volumes[0] if len(volumes) == 1 else np.concatenate(volumes, axis=0)
     check_min_extent(stacked.shape[1:], series_name(plist), min_extent)
     if kind == "phase":
-        stacked, message = phase_to_radians(stacked, series_name(plist), phase_units)
+        stacked, message = phase_to_radians(stacked, series_name(plist), phase_units,
+                                            mrad=phase_mrad)
         if message:
             messages.append(message)
     return EchoSeries(np.ascontiguousarray(stacked, dtype=np.float32), affine0, header0, names,
@@ -201,7 +215,7 @@ def _check_scan_arguments(te_s, b0_t, phase_sign: int):
         raise QSMInputError("--te: echo times (s) are required for phase input")
     if b0_t is None:
         raise QSMInputError("--b0: field strength (T) is required for phase input")
-    if phase_sign not in (1, -1):
+    if phase_sign not in (1, -1, None):
         raise QSMInputError(f"--phase-sign: must be 1 or -1, got {phase_sign!r}")
     return check_te_s(te_s, "--te"), check_b0_t(b0_t, "--b0")
 
@@ -265,8 +279,9 @@ def read_nifti_echoes(phase_paths: PathOrPaths, magnitude_paths: PathOrPaths | N
         (:func:`qsmnet.physics.geometry.b0_dir_from_affine`).
     mask_path : path, optional
         Brain mask on the phase grid.
-    phase_sign : {1, -1}
-        Vendor polarity (see :class:`Acquisition`).
+    phase_sign : {1, -1} or None
+        Vendor polarity (see :class:`Acquisition`); None (``--phase-sign`` not given) is +1,
+        as plain NIfTI files carry no vendor.
     name : str, optional
         Acquisition name; default: the first phase file's name without extension.
     voxel_size_mm : (3,) sequence, optional
@@ -314,4 +329,5 @@ def read_nifti_echoes(phase_paths: PathOrPaths, magnitude_paths: PathOrPaths | N
         phase=phase.data, magnitude=magnitude, mask=mask, te_s=te, b0_t=b0,
         b0_dir=resolve_b0_dir(b0_dir, phase.affine, "--b0-dir"), voxel_size_mm=voxel,
         affine=phase.affine, header=phase.header, source=os.fspath(plist[0]),
-        name=name or default_name(plist[0]), phase_sign=int(phase_sign))
+        name=name or default_name(plist[0]),
+        phase_sign=1 if phase_sign is None else int(phase_sign))

@@ -4,7 +4,8 @@
 affine and the header; every failure (missing, unreadable, not NIfTI, NaN/inf) is a
 :class:`~qsmnet.io.errors.QSMInputError` that names the file. :func:`save_nifti` writes a gzipped
 float32 map atomically, keeping the input's affine and header orientation (qform/sform codes,
-spatial/temporal units) so that viewers overlay the output exactly on the input.
+spatial/temporal units) so that viewers overlay the output exactly on the input, and states what
+the map holds and its unit in the header description (``descrip``).
 """
 
 from __future__ import annotations
@@ -92,8 +93,26 @@ def _orientation_codes(header) -> tuple[int, int]:
         return 0, 0
 
 
+#: Size of the NIfTI-1 header's ``descrip`` field, bytes.
+DESCRIP_MAX_BYTES = 80
+
+
+def _check_description(description: str | None) -> bytes:
+    """``description`` as the bytes stored in ``descrip``; ValueError when it cannot fit."""
+    if description is None:
+        return b""
+    try:
+        raw = str(description).encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"NIfTI description must be ASCII, got {description!r}") from exc
+    if len(raw) > DESCRIP_MAX_BYTES:
+        raise ValueError(f"NIfTI description is {len(raw)} bytes, at most {DESCRIP_MAX_BYTES} fit: "
+                         f"{description!r}")
+    return raw
+
+
 def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
-               header=None, dtype: type = np.float32) -> Path:
+               header=None, dtype: type = np.float32, description: str | None = None) -> Path:
     """Write ``data`` as a NIfTI-1 file atomically; return the path.
 
     Parameters
@@ -111,9 +130,21 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
         is set to 2 (aligned) so that ``affine`` is not lost.
     dtype : numpy type
         On-disk data type (float32 by default; ``np.uint8`` for masks).
+    description : str, optional
+        The header's ``descrip`` field (NIfTI-1: at most 80 ASCII characters), shown by viewers
+        and ``fslhd``; qsmnet states what the map is and its unit there (``"chi ppm"``,
+        ``"local field ppm"``, ``"mask"``). None leaves it empty: the input header's own
+        description is never copied, since it describes the input, not this map.
+
+    Raises
+    ------
+    ValueError
+        A description longer than 80 bytes or not ASCII (nibabel would truncate it silently),
+        or an affine that is not 4x4.
     """
     p = Path(path)
     _check_nifti_name(p)
+    descrip = _check_description(description)
     arr = np.asarray(data)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -138,6 +169,8 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
     else:
         img.header.set_xyzt_units("mm", "sec")
     img.header.set_data_dtype(dtype)
+    if descrip:
+        img.header["descrip"] = descrip
     with atomic_path(p) as tmp:
         nib.save(img, os.fspath(tmp))
     return p

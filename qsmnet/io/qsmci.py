@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from qsmnet.io.acquisition import Acquisition
+from qsmnet.physics.geometry import Geometry
 from qsmnet.io.echoes import load_echo_series, load_mask, resolve_b0_dir, resolve_voxel_size
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.nifti import load_nifti
@@ -107,6 +108,11 @@ class QSMCIInputs:
     phase_sign: int = 1
 
     @property
+    def geometry(self) -> Geometry:
+        """Voxel size and B0 direction as a validated :class:`~qsmnet.physics.geometry.Geometry`."""
+        return Geometry(self.voxel_size_mm, self.b0_dir)
+
+    @property
     def output_name(self) -> str:
         """Canonical output file name of this stage (:data:`QSMCI_OUTPUT`)."""
         return QSMCI_OUTPUT[self.stage]
@@ -130,7 +136,7 @@ class QSMCIInputs:
                   dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         """Sample dict (keys of :mod:`qsmnet.transforms.base`) of what the folder holds.
 
-        Phase stages give the :meth:`Acquisition.to_sample` keys; bfr adds ``field_ppm``, dipole
+        Phase stages give the :meth:`Acquisition.to_sample` keys; bfr adds ``total_field_ppm``, dipole
         ``local_field_ppm``; ``mask``, ``voxel_size_mm``, ``b0_dir``, ``affine`` always, and
         ``b0_t`` / ``te_s`` when known.
         """
@@ -151,7 +157,7 @@ class QSMCIInputs:
         if self.te_s is not None:
             sample["te_s"] = tensor(np.asarray(self.te_s, dtype=np.float64))
         if self.totalfield_ppm is not None:
-            sample["field_ppm"] = tensor(self.totalfield_ppm)
+            sample["total_field_ppm"] = tensor(self.totalfield_ppm)
         if self.localfield_ppm is not None:
             sample["local_field_ppm"] = tensor(self.localfield_ppm)
         return sample

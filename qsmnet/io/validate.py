@@ -14,6 +14,7 @@ import numpy as np
 
 from qsmnet.io.errors import QSMInputError
 from qsmnet.physics.geometry import normalize_b0_dir
+from qsmnet.physics.units import TE_MAX_S, echo_time_problem
 
 __all__ = [
     "AFFINE_ATOL_MM",
@@ -37,11 +38,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Longest accepted echo time, s. Gradient-echo QSM samples the phase while there is signal:
-#: brain tissue T2* is about 20-70 ms at 3 T and below 100 ms at 1.5 T, so the last useful echo
-#: lies well under 0.1 s (multi-echo protocols end at 30-60 ms at 3 T); at 0.2 s tissue signal
-#: has decayed to exp(-200/70) < 6 %. A larger number is a unit slip (ms, or a 10x typo).
-TE_MAX_S = 0.2
 #: Bound on the ``TE`` of a params.json for stages that do not use it (bfr, dipole): qsm-ci
 #: writes the placeholder ``[1.0]`` there; above 1 it is still refused as milliseconds.
 TE_UNUSED_MAX_S = 1.0
@@ -71,7 +67,7 @@ AFFINE_RTOL = 1e-5
 
 def check_te_s(te_s: float | Sequence[float], source: str,
                max_s: float = TE_MAX_S) -> tuple[float, ...]:
-    """Validate echo times in seconds: finite, positive, strictly increasing, at most ``max_s``.
+    """Validate echo times in seconds by :func:`qsmnet.physics.units.echo_time_problem`.
 
     Parameters
     ----------
@@ -92,20 +88,9 @@ def check_te_s(te_s: float | Sequence[float], source: str,
     except (TypeError, ValueError) as exc:
         raise QSMInputError(f"{source}: EchoTime {te_s!r} is not a number or list of numbers") \
             from exc
-    if not values:
-        raise QSMInputError(f"{source}: no EchoTime given")
-    for t in values:
-        if not math.isfinite(t) or t <= 0:
-            raise QSMInputError(f"{source}: EchoTime {t!r} must be positive (seconds)")
-        if t > max_s:
-            if t >= 1.0:
-                raise QSMInputError(f"{source}: EchoTime {t:g} looks like milliseconds; "
-                                    "BIDS EchoTime is in seconds")
-            raise QSMInputError(f"{source}: EchoTime {t:g} s is longer than {max_s:g} s, past "
-                                "any gradient-echo QSM echo (tissue T2* is under 0.1 s); BIDS "
-                                "EchoTime is in seconds (0.02 for 20 ms)")
-    if any(b <= a for a, b in zip(values, values[1:])):
-        raise QSMInputError(f"{source}: echo times {list(values)} must be strictly increasing")
+    problem = echo_time_problem(values, max_s)
+    if problem is not None:
+        raise QSMInputError(f"{source}: {problem}")
     return values
 
 

@@ -11,7 +11,9 @@ from qsmnet.physics.forward import (
     voxel_averaged_field,
 )
 from qsmnet.physics.geometry import (
+    Geometry,
     affine_from_b0_dir,
+    as_voxel_size_mm,
     b0_dir_from_affine,
     normalize_b0_dir,
     rotation_between,
@@ -27,6 +29,8 @@ from qsmnet.physics.kernels import (
 from qsmnet.physics.operators import divergence, gradient, laplacian
 from qsmnet.physics.units import (
     GAMMA_BAR_MHZ_PER_T,
+    TE_MAX_S,
+    echo_time_problem,
     hz_to_ppm,
     phase_to_ppm,
     ppm_to_hz,
@@ -35,8 +39,12 @@ from qsmnet.physics.units import (
 
 __all__ = [
     "GAMMA_BAR_MHZ_PER_T",
+    "TE_MAX_S",
     "DipoleConvolution",
+    "Geometry",
     "affine_from_b0_dir",
+    "as_voxel_size_mm",
+    "echo_time_problem",
     "b0_dir_from_affine",
     "dipole_kernel",
     "divergence",

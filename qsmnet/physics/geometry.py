@@ -8,10 +8,30 @@ scanner z is B0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+
+Vec3 = tuple[float, float, float]
+
+
+def as_voxel_size_mm(voxel_size_mm) -> Vec3:
+    """``voxel_size_mm`` (any sequence, array or tensor of 3) as three positive finite floats.
+
+    Raises
+    ------
+    ValueError
+        Unless it holds exactly 3 finite values > 0.
+    """
+    if isinstance(voxel_size_mm, torch.Tensor):
+        voxel_size_mm = voxel_size_mm.detach().cpu()
+    vs = np.asarray(voxel_size_mm, dtype=np.float64).reshape(-1)
+    if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
+        raise ValueError(f"voxel_size_mm must be 3 positive finite values, got {voxel_size_mm!r}")
+    return tuple(float(v) for v in vs)
 
 
 def normalize_b0_dir(b0_dir: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -24,6 +44,35 @@ def normalize_b0_dir(b0_dir: Sequence[float] | np.ndarray | torch.Tensor) -> np.
     if n < 1e-8:
         raise ValueError(f"B0 direction must be non-zero, got {b0_dir!r}")
     return v / n
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an acquisition's voxels sit relative to B0: voxel size and B0 direction.
+
+    Built once where data enter (the readers, a sample dict) and passed down, so every stage
+    sees the same validated tuples.
+
+    Attributes
+    ----------
+    voxel_size_mm : (3,) tuple of float
+        Voxel size along the array axes, mm (positive, finite).
+    b0_dir : (3,) tuple of float
+        Unit B0 direction in array-axis coordinates (``docs/conventions.md``).
+    """
+
+    voxel_size_mm: Vec3
+    b0_dir: Vec3 = (0.0, 0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "voxel_size_mm", as_voxel_size_mm(self.voxel_size_mm))
+        object.__setattr__(self, "b0_dir",
+                           tuple(float(v) for v in normalize_b0_dir(self.b0_dir)))
+
+    @classmethod
+    def of_sample(cls, sample: Mapping[str, Any]) -> Geometry:
+        """The geometry of a sample dict (keys ``voxel_size_mm`` and ``b0_dir``)."""
+        return cls(sample["voxel_size_mm"], sample["b0_dir"])
 
 
 def b0_dir_from_affine(affine: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:

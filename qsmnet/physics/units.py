@@ -18,8 +18,45 @@ import torch
 #: Proton gyromagnetic ratio over 2*pi, MHz/T (CODATA; SEPIA uses the same value).
 GAMMA_BAR_MHZ_PER_T = 42.57747892
 
+#: Longest accepted echo time, s. Gradient-echo QSM samples the phase while there is signal:
+#: brain tissue T2* is about 20-70 ms at 3 T and below 100 ms at 1.5 T, so the last useful echo
+#: lies well under 0.1 s (multi-echo protocols end at 30-60 ms at 3 T); at 0.2 s tissue signal
+#: has decayed to exp(-200/70) < 6 %. A larger number is a unit slip (ms, or a 10x typo).
+TE_MAX_S = 0.2
+
 Number = float | int
 TeLike = Number | Sequence[Number] | torch.Tensor
+
+
+def echo_time_problem(te_s: Sequence[float], max_s: float = TE_MAX_S) -> str | None:
+    """What is wrong with a series of echo times in seconds, or None when nothing is.
+
+    The one rule set for echo times (readers and transforms phrase its answer for their
+    callers): every TE finite and positive, at most ``max_s`` (values of 1 and above are
+    reported as milliseconds), strictly increasing.
+
+    Parameters
+    ----------
+    te_s : sequence of float
+        Echo times, s, in acquisition order.
+    max_s : float
+        Longest accepted echo time (:data:`TE_MAX_S`; larger where TE is only a placeholder).
+    """
+    values = [float(t) for t in te_s]
+    if not values:
+        return "no EchoTime given"
+    for t in values:
+        if not math.isfinite(t) or t <= 0:
+            return f"EchoTime {t!r} must be positive (seconds)"
+        if t > max_s:
+            if t >= 1.0:
+                return f"EchoTime {t:g} looks like milliseconds; BIDS EchoTime is in seconds"
+            return (f"EchoTime {t:g} s is longer than {max_s:g} s, past any gradient-echo QSM "
+                    "echo (tissue T2* is under 0.1 s); BIDS EchoTime is in seconds (0.02 for "
+                    "20 ms)")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        return f"echo times {values} must be strictly increasing"
+    return None
 
 
 def _te_tensor(te_s: TeLike, like: torch.Tensor) -> torch.Tensor | float:

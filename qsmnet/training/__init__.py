@@ -7,8 +7,12 @@
 * ``qsmnet.training.datamodule.SimulatedQSMDataModule`` - simulated training data.
 """
 
-from qsmnet.training.callbacks import PeriodicCheckpoint, ValidationSummary
-from qsmnet.training.module import QSMLitModule
-from qsmnet.training.train import train
+from qsmnet.training.resolvers import register_resolvers
+
+register_resolvers()  # before any config is composed (scripts/train.py, tests)
+
+from qsmnet.training.callbacks import PeriodicCheckpoint, ValidationSummary  # noqa: E402
+from qsmnet.training.module import QSMLitModule  # noqa: E402
+from qsmnet.training.train import train  # noqa: E402
 
 __all__ = ["PeriodicCheckpoint", "QSMLitModule", "ValidationSummary", "train"]

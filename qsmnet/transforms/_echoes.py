@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from qsmnet.physics.units import echo_time_problem
 from qsmnet.transforms._grid import as_float
 
 __all__ = ["check_te_s"]
@@ -19,28 +20,24 @@ __all__ = ["check_te_s"]
 def check_te_s(te_s, n_echoes: int | None = None) -> torch.Tensor:
     """Validate echo times in seconds and return them as a float64 tensor ``(E,)`` or ``(B, E)``.
 
+    Each row must pass :func:`qsmnet.physics.units.echo_time_problem` (the readers' rule).
+
     Raises
     ------
     ValueError
-        If a TE is not positive and finite, looks like milliseconds (>= 1 s: no gradient-echo
-        TE is that long), the echo times are not distinct, or their number does not match
-        ``n_echoes``.
+        If a row of echo times breaks that rule, or their number does not match ``n_echoes``.
     """
     te = torch.as_tensor(te_s, dtype=torch.float64).detach().cpu()
     if te.ndim == 0:
         te = te.reshape(1)
     if te.ndim > 2:
         raise ValueError(f"te_s must be (E,) or (B, E), got shape {tuple(te.shape)}")
-    if not bool(torch.all(torch.isfinite(te))) or bool(torch.any(te <= 0)):
-        raise ValueError(f"te_s must be positive and finite (seconds), got {te.tolist()}")
-    if bool(torch.any(te >= 1.0)):
-        raise ValueError(f"te_s must be in seconds, got {te.tolist()}: echo times of 1 s or more "
-                         "look like milliseconds (divide by 1000)")
     if n_echoes is not None and te.shape[-1] != n_echoes:
         raise ValueError(f"te_s has {te.shape[-1]} echo times but the data has {n_echoes} echoes")
-    srt = torch.sort(te, dim=-1).values
-    if te.shape[-1] > 1 and bool(torch.any(srt[..., 1:] - srt[..., :-1] <= 0)):
-        raise ValueError(f"echo times must be distinct, got {te.tolist()}")
+    for row in te.reshape(-1, te.shape[-1]).tolist():
+        problem = echo_time_problem(row)
+        if problem is not None:
+            raise ValueError(f"te_s: {problem}")
     return te
 
 

@@ -6,7 +6,6 @@ The names here carry no leading underscore because they are used across modules 
 * dtypes and broadcasting: :func:`float_dtype`, :func:`as_float`, :func:`broadcast_mask`,
   :func:`broadcast_like`, :func:`prepare_weights`;
 * per-sample geometry and batching: :func:`per_sample_vectors`, :func:`map_samples`;
-* voxel sizes: :func:`voxel_size`, :func:`check_voxel_size`;
 * bounding boxes and crops: :func:`mask_bbox` (the one bounding-box helper), :func:`nonempty_box`,
   :func:`crop_box`, :func:`uncrop_box`.
 """
@@ -124,28 +123,6 @@ def map_samples(fn: Callable, x: torch.Tensor, mask: torch.Tensor | None, *vecto
         results.append(res if isinstance(res, tuple) else (res,))
     return tuple(torch.stack([r[j] for r in results]).reshape(*lead, *shape)
                  for j in range(len(results[0])))
-
-
-# --------------------------------------------------------------------------------------------
-# Voxel sizes
-# --------------------------------------------------------------------------------------------
-
-def voxel_size(voxel_size_mm, require_finite: bool = True) -> tuple[float, float, float]:
-    """``voxel_size_mm`` as three floats; ValueError unless it holds 3 positive values.
-
-    ``require_finite=False`` also lets non-finite values through (the check the multi-echo
-    helpers and :func:`qsmnet.transforms.smoothing.gaussian_smooth_mm` have always made).
-    """
-    vs = torch.as_tensor(voxel_size_mm, dtype=torch.float64).reshape(-1)
-    if vs.numel() != 3 or (require_finite and not bool(torch.all(torch.isfinite(vs)))) \
-            or bool(torch.any(vs <= 0)):
-        raise ValueError(f"voxel_size_mm must be 3 positive values, got {voxel_size_mm!r}")
-    return tuple(float(v) for v in vs)
-
-
-def check_voxel_size(vs: tuple[float, float, float]) -> None:
-    if any(not (a > 0) for a in vs):
-        raise ValueError(f"voxel_size_mm must be positive, got {vs}")
 
 
 # --------------------------------------------------------------------------------------------

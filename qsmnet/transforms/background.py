@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
+from qsmnet.physics.geometry import as_voxel_size_mm
 from qsmnet.physics.forward import _crop, _pad, pad_amount
 from qsmnet.physics.kernels import (
     SPHERE_SUBSAMPLES,
@@ -45,7 +46,6 @@ from qsmnet.transforms._grid import (
     PadArg,
     Vec3,
     broadcast_mask,
-    check_voxel_size,
     crop_box,
     float_dtype,
     map_samples,
@@ -172,7 +172,7 @@ def _smv_bands(fp, mp, vs, radii, s):
 
 
 def _vsharp_single(f, m, vs, radii, threshold):
-    check_voxel_size(vs)
+    as_voxel_size_mm(vs)
     full = tuple(f.shape)
     margin = _radius_voxels(max(radii), vs)
     fp, mp, pads, box, cshape, padded = _padded_crop(f, m, [a + 1 for a in margin])
@@ -268,7 +268,7 @@ def vsharp(field_ppm: torch.Tensor, mask: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 def _vresharp_single(f, m, vs, radii, lam, max_iter, tol):
-    check_voxel_size(vs)
+    as_voxel_size_mm(vs)
     full = tuple(f.shape)
     margin = _radius_voxels(max(radii), vs)
     fp, mp, pads, box, cshape, padded = _padded_crop(f, m, [a + 1 for a in margin])
@@ -374,7 +374,7 @@ def vresharp(field_ppm: torch.Tensor, mask: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 def _resharp_single(f, m, vs, radius_mm, lam, max_iter, tol):
-    check_voxel_size(vs)
+    as_voxel_size_mm(vs)
     full = tuple(f.shape)
     margin = _radius_voxels(radius_mm, vs)
     fp, mp, pads, box, cshape, padded = _padded_crop(f, m, [a + 1 for a in margin])
@@ -459,7 +459,7 @@ def resharp(field_ppm: torch.Tensor, mask: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 def _pdf_single(f, m, vs, b0, w, pad, max_iter, tol):
-    check_voxel_size(vs)
+    as_voxel_size_mm(vs)
     full = tuple(f.shape)
     margin = [int(pad)] * 3 if isinstance(pad, int) else [int(p) for p in pad]
     fp, mp, pads, box, cshape, padded = _padded_crop(f, m, margin)
@@ -561,32 +561,41 @@ def pdf(field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm: Vec3 = (1.0,
 def remove_background(method: str, field_ppm: torch.Tensor, mask: torch.Tensor,
                       voxel_size_mm: Vec3, b0_dir: Vec3 = (0.0, 0.0, 1.0),
                       **params) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the background removal called ``method`` (a key of :data:`BFR_METHODS`).
+    """Run the background removal called ``method`` (a key of :data:`BFR_TRANSFORMS`).
 
-    One entry point for the inference pipeline and the training data (``data.bfr``), so that a
-    network trained on background-removed fields sees exactly what inference gives it. ``b0_dir``
-    is used by PDF only (the SMV methods do not depend on it); ``params`` are the method's keyword
-    arguments. Returns ``(local_field_ppm, mask)`` as the method does.
+    The training data (``data.bfr``) and the inference pipeline both run the transform of
+    :data:`BFR_TRANSFORMS`, so that a network trained on background-removed fields sees exactly
+    what inference gives it. ``b0_dir`` is used by PDF only (the SMV methods do not depend on
+    it); ``params`` are the transform's constructor arguments, plus ``weights`` (PDF's noise
+    weights). Returns ``(local_field_ppm, mask)`` as the method does.
     """
-    if method not in BFR_METHODS:
-        raise ValueError(f"unknown background-removal method {method!r}: use "
-                         f"{', '.join(BFR_METHODS)}")
+    transform = make_bfr_transform(method, params)
+    weights = params.get("weights")
     if method == "pdf":
-        params = {"b0_dir": b0_dir, **params}
-    return BFR_METHODS[method](field_ppm, mask, voxel_size_mm, **params)
+        return transform(field_ppm, mask, voxel_size_mm, b0_dir, weights=weights)
+    return transform(field_ppm, mask, voxel_size_mm)
+
+
+def make_bfr_transform(method: str, params: dict | None = None) -> Transform:
+    """The transform of background removal ``method`` with constructor ``params`` (``weights``,
+    a per-call input, is left out)."""
+    if method not in BFR_TRANSFORMS:
+        raise ValueError(f"unknown background-removal method {method!r}: use "
+                         f"{', '.join(BFR_TRANSFORMS)}")
+    return BFR_TRANSFORMS[method](**{k: v for k, v in (params or {}).items() if k != "weights"})
 
 
 # --------------------------------------------------------------------------------------------
 # Transforms
 # --------------------------------------------------------------------------------------------
 
-_BFR_KEYS = {"field_ppm": "field_ppm", "mask": "mask", "voxel_size_mm": "voxel_size_mm"}
+_BFR_KEYS = {"field_ppm": "total_field_ppm", "mask": "mask", "voxel_size_mm": "voxel_size_mm"}
 
 
 class VSHARP(Transform):
     """Transform wrapper of :func:`vsharp`.
 
-    Dict keys: field_ppm, mask, voxel_size_mm -> local_field_ppm, mask (the eroded mask
+    Dict keys: total_field_ppm, mask, voxel_size_mm -> local_field_ppm, mask (the eroded mask
     replaces the input mask, so a following inversion uses it).
     """
 
@@ -665,7 +674,7 @@ class VRESHARP(Transform):
 class PDF(Transform):
     """Transform wrapper of :func:`pdf`.
 
-    Dict keys: field_ppm, mask, voxel_size_mm, b0_dir (+ ``weights_key`` when given) ->
+    Dict keys: total_field_ppm, mask, voxel_size_mm, b0_dir (+ ``weights_key`` when given) ->
     local_field_ppm, mask.
     """
 
@@ -690,5 +699,7 @@ class PDF(Transform):
         return f"PDF(pad={self.pad}, max_iter={self.max_iter}, tol={self.tol})"
 
 
-#: background-removal functions by name (``--bfr``, ``data.bfr``)
-BFR_METHODS = {"vsharp": vsharp, "pdf": pdf, "resharp": resharp, "vresharp": vresharp}
+#: background-removal transforms by name (``--bfr``, ``data.bfr``)
+BFR_TRANSFORMS = {"vsharp": VSHARP, "pdf": PDF, "resharp": RESHARP, "vresharp": VRESHARP}
+#: the method names, in the order the CLI lists them
+BFR_METHODS = tuple(BFR_TRANSFORMS)

@@ -21,7 +21,7 @@ key                shape                meaning
 ``b0_t``           float                field strength, T
 ``b0_dir``         (3,)                 B0 direction, array axes, unit vector
 ``voxel_size_mm``  (3,)                 voxel size, mm
-``field_ppm``      (X, Y, Z)            total field, ppm
+``total_field_ppm`` (X, Y, Z)           total field, ppm
 ``local_field_ppm`` (X, Y, Z)           local (tissue) field, ppm
 ``chi_ppm``        (X, Y, Z)            susceptibility, ppm
 =================  ===================  ==========================================
@@ -74,7 +74,7 @@ class Transform(ABC):
 class DictTransform:
     """The dict twin of a tensor transform, with keys chosen at construction.
 
-    ``DictTransform(SomeTransform(...), input_keys={"field_ppm": "field_ppm"},
+    ``DictTransform(SomeTransform(...), input_keys={"field_ppm": "total_field_ppm"},
     output_keys=["local_field_ppm", "mask"])`` maps a sample dict to a sample dict.
     Without keys, the transform's own defaults are used.
     """

@@ -178,7 +178,7 @@ class MultiEchoFit(OptionalKeysTransform):
 
     input_keys = {"phase_rad": "phase", "te_s": "te_s", "b0_t": "b0_t"}
     optional_input_keys = {"magnitude": "magnitude", "mask": "mask"}
-    output_keys = ("field_ppm", "field_noise_ppm")
+    output_keys = ("total_field_ppm", "field_noise_ppm")
 
     def __init__(self, weighting: str = "magnitude2", phase_sign: int = 1,
                  noise_std: float | None = None) -> None:

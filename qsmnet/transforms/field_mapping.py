@@ -70,7 +70,7 @@ class FieldMapping(OptionalKeysTransform):
     mask; the bool mask used; the propagated field standard deviation in ppm (zero outside
     the mask, where no field is estimated).
     Sample dict: ``phase, magnitude, te_s, b0_t, mask (optional), voxel_size_mm`` ->
-    ``field_ppm, mask, field_noise_ppm``.
+    ``total_field_ppm, mask, field_noise_ppm``.
 
     Notes
     -----
@@ -89,7 +89,7 @@ class FieldMapping(OptionalKeysTransform):
     input_keys = {"phase_rad": "phase", "magnitude": "magnitude", "te_s": "te_s",
                   "b0_t": "b0_t", "voxel_size_mm": "voxel_size_mm"}
     optional_input_keys = {"mask": "mask"}
-    output_keys = ("field_ppm", "mask", "field_noise_ppm")
+    output_keys = ("total_field_ppm", "mask", "field_noise_ppm")
 
     def __init__(self, offset_sigma_mm: float = 4.0, offset_echoes: Sequence[int] = (0, 1),
                  offset_poly_order: int = 3, ref_index: int = 0, progressive: bool = True,

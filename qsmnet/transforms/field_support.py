@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from qsmnet.transforms._grid import voxel_size
+from qsmnet.physics.geometry import as_voxel_size_mm
 from qsmnet.transforms.base import Transform
 from qsmnet.transforms.masking import BrainMask
 
@@ -120,7 +120,7 @@ def field_support_mask(mask: torch.Tensor, magnitude: torch.Tensor | np.ndarray,
     -------
     (..., X, Y, Z) bool tensor on ``mask``'s device, a superset of ``mask``.
     """
-    vs = voxel_size(voxel_size_mm)
+    vs = as_voxel_size_mm(voxel_size_mm)
     _check(margin_mm, min_magnitude_frac)
     mask_t = torch.as_tensor(mask).to(torch.bool)
     if margin_mm == 0:

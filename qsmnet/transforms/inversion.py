@@ -39,12 +39,12 @@ from collections.abc import Sequence
 
 import torch
 
+from qsmnet.physics.geometry import as_voxel_size_mm
 from qsmnet.physics.forward import _crop, _pad, pad_amount
 from qsmnet.physics.kernels import dipole_kernel, laplacian_eigenvalues
 from qsmnet.transforms._grid import (
     PadArg,
     broadcast_mask,
-    check_voxel_size,
     crop_box,
     float_dtype,
     map_samples,
@@ -129,7 +129,7 @@ def _direct_inversion(local_field_ppm, mask, voxel_size_mm, b0_dir, pad, filt_fn
     full = tuple(x.shape[-3:])
 
     def one(f, m, vs, b0, _extra):
-        check_voxel_size(vs)
+        as_voxel_size_mm(vs)
         if m is not None:
             box = nonempty_box(m)
             fc = crop_box(f * m.to(f.dtype), box)
@@ -267,7 +267,7 @@ def _grad_adjoint_into(g: torch.Tensor, out: torch.Tensor, inv_h: Sequence[float
 
 
 def _tv_admm_single(f, m, vs, b0, w, *, lam, rho, mu, max_iter, tol, pad):
-    check_voxel_size(vs)
+    as_voxel_size_mm(vs)
     full = tuple(f.shape)
     fp, pads, box, cshape, padded = _prepare_grid(f, m, pad)
     dt, dev = fp.dtype, fp.device

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from qsmnet.physics.geometry import as_voxel_size_mm
 from qsmnet.physics.kernels import smv_kernel, sphere_mask
-from qsmnet.transforms._grid import voxel_size
 from qsmnet.transforms.base import OptionalKeysTransform, Transform
 
 __all__ = ["BrainMask", "SMVErode", "ellipsoid_structure", "robust_threshold", "smv_erode"]
@@ -41,7 +41,7 @@ def ellipsoid_structure(radius_mm: float, voxel_size_mm: Sequence[float]) -> np.
     :func:`qsmnet.physics.kernels.sphere_mask`, centred; shape ``(2 n_i + 1)`` with
     ``n_i = floor(r / h_i)``.
     """
-    vs = voxel_size(voxel_size_mm)
+    vs = as_voxel_size_mm(voxel_size_mm)
     if radius_mm <= 0:
         raise ValueError(f"radius_mm must be positive, got {radius_mm}")
     n = [int(math.floor(radius_mm / h * (1.0 + 1e-9))) for h in vs]
@@ -71,7 +71,7 @@ def smv_erode(mask: torch.Tensor, radius_mm: float,
     mask (outside the array counts as outside the mask). Equals
     ``scipy.ndimage.binary_erosion(mask, ellipsoid_structure(radius_mm, voxel_size_mm))``.
     """
-    vs = voxel_size(voxel_size_mm)
+    vs = as_voxel_size_mm(voxel_size_mm)
     if radius_mm <= 0:
         raise ValueError(f"radius_mm must be positive, got {radius_mm}")
     if mask.ndim < 3:
@@ -242,7 +242,7 @@ class BrainMask(OptionalKeysTransform):
             return torch.as_tensor(mask).to(torch.bool)
         if magnitude is None:
             raise ValueError("BrainMask needs a magnitude image when no mask is given")
-        vs = voxel_size(voxel_size_mm)
+        vs = as_voxel_size_mm(voxel_size_mm)
         img = self.magnitude_image(torch.as_tensor(magnitude))
         arr = img.detach().cpu().to(torch.float64).numpy()
         lead = arr.shape[:-3]

@@ -34,9 +34,10 @@ from collections.abc import Sequence
 
 import torch
 
+from qsmnet.physics.geometry import as_voxel_size_mm
 from qsmnet.physics.units import wrap_phase
 from qsmnet.transforms._echoes import check_te_s, echo, echo_te
-from qsmnet.transforms._grid import as_float, voxel_size
+from qsmnet.transforms._grid import as_float
 from qsmnet.transforms.base import OptionalKeysTransform
 from qsmnet.transforms.smoothing import gaussian_smooth_mm
 from qsmnet.transforms.unwrap import unwrap_laplacian
@@ -204,7 +205,7 @@ def fit_phase_polynomial(phase_rad: torch.Tensor, weight: torch.Tensor,
     -------
     (..., X, Y, Z): the (unwrapped) polynomial phase, rad.
     """
-    vs = voxel_size(voxel_size_mm, require_finite=False)
+    vs = as_voxel_size_mm(voxel_size_mm)
     shape = phase_rad.shape[-3:]
     lead = phase_rad.shape[:-3]
     flat_p = phase_rad.reshape(-1, *shape)

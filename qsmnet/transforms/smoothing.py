@@ -9,7 +9,8 @@ import scipy.fft
 import torch
 import torch.nn.functional as F
 
-from qsmnet.transforms._grid import voxel_size
+from qsmnet.physics.geometry import as_voxel_size_mm
+
 
 __all__ = ["gaussian_smooth_mm"]
 
@@ -27,7 +28,7 @@ def gaussian_smooth_mm(x: torch.Tensor, sigma_mm: float,
     """
     if sigma_mm <= 0:
         return x
-    vs = voxel_size(voxel_size_mm, require_finite=False)
+    vs = as_voxel_size_mm(voxel_size_mm)
     sig_vox = [sigma_mm / h for h in vs]
     pads = [int(math.ceil(3.0 * s)) for s in sig_vox]
     # Before: 3 sigma; after: 3 sigma plus whatever reaches an FFT-friendly (5-smooth) length.

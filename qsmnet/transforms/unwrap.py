@@ -38,6 +38,7 @@ import scipy.fft
 import torch
 import torch.nn.functional as F
 
+from qsmnet.physics.geometry import as_voxel_size_mm
 from qsmnet.physics.kernels import laplacian_eigenvalues
 from qsmnet.physics.operators import divergence, gradient
 from qsmnet.physics.units import wrap_phase
@@ -51,15 +52,6 @@ _SCIPY_DCT_ON_CPU = True
 
 __all__ = ["LaplacianUnwrap", "dct_poisson_solve", "integer_unwrap_correction",
            "unwrap_laplacian", "wrapped_laplacian"]
-
-
-def _voxel_size(voxel_size_mm) -> tuple[float, float, float]:
-    vs = torch.as_tensor(voxel_size_mm, dtype=torch.float64).reshape(-1)
-    if vs.numel() != 3:
-        raise ValueError(f"voxel_size_mm must have 3 entries, got {tuple(vs.shape)}")
-    if not bool(torch.all(torch.isfinite(vs))) or bool(torch.any(vs <= 0)):
-        raise ValueError(f"voxel_size_mm must be positive and finite, got {voxel_size_mm!r}")
-    return tuple(float(v) for v in vs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +147,7 @@ def dct_poisson_solve(rhs: torch.Tensor, voxel_size_mm: Sequence[float] = (1.0, 
     """
     if inverse_eigenvalues is None:
         if eigenvalues is None:
-            eigenvalues = _neumann_eigenvalues(rhs.shape[-3:], _voxel_size(voxel_size_mm),
+            eigenvalues = _neumann_eigenvalues(rhs.shape[-3:], as_voxel_size_mm(voxel_size_mm),
                                                rhs.dtype, rhs.device)
         inverse_eigenvalues = _inverse_eigenvalues(eigenvalues)
     c = _dctn(rhs)
@@ -234,7 +226,7 @@ def wrapped_laplacian(phase_rad: torch.Tensor, voxel_size_mm: Sequence[float] = 
     (..., X, Y, Z) tensor, rad/mm^2. Exact (equal to the Laplacian of the true phase) wherever
     every neighbour difference of the true phase is smaller than pi.
     """
-    vs = _voxel_size(voxel_size_mm)
+    vs = as_voxel_size_mm(voxel_size_mm)
     if periodic:
         g = wrap_phase(gradient(phase_rad, (1.0, 1.0, 1.0)))
         if mask is not None:
@@ -391,7 +383,7 @@ def unwrap_laplacian(phase_rad: torch.Tensor, mask: torch.Tensor | None = None,
         raise ValueError(f"phase_rad must be (..., X, Y, Z), got shape {tuple(phase_rad.shape)}")
     if method not in ("dct", "fft"):
         raise ValueError(f"method must be 'dct' or 'fft', got {method!r}")
-    vs = _voxel_size(voxel_size_mm)
+    vs = as_voxel_size_mm(voxel_size_mm)
     dtype = phase_rad.dtype if phase_rad.dtype in (torch.float32, torch.float64) else torch.float32
     psi = phase_rad.to(dtype)
     if mask is not None:
