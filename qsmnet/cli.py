@@ -26,6 +26,7 @@ from pathlib import Path
 
 from qsmnet import __version__
 from qsmnet.inference.dipole import CLASSICAL_METHODS
+from qsmnet.inference.reference import DEFAULT_REFERENCE, REFERENCES
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.qsmci import QSMCI_INPUTS, QSMCI_STAGES
 from qsmnet.io.phase import PHASE_UNITS
@@ -110,7 +111,8 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bfr", default="pdf", choices=sorted(BFR_METHODS, key=lambda m: m != "pdf"),
                    help="background-field removal (default: %(default)s; pdf keeps the whole "
                         "mask, vsharp/resharp/vresharp erode it; vresharp is V-SHARP's "
-                        "variable radius with RESHARP's regularised solve)")
+                        "variable radius with RESHARP's regularised solve; lbv, the Laplacian "
+                        "boundary value method, returns the mask less its outer layers)")
 
 
 def _add_phase_sign(p: argparse.ArgumentParser, from_sidecar: bool = False) -> None:
@@ -222,7 +224,22 @@ def _add_predict(sub) -> None:
     _add_input_checks(p)
     _add_output_checks(p)
     p.add_argument("--no-preview", action="store_true", help="do not write PNG previews")
+    _add_reference_roi(p)
     p.set_defaults(handler=_run_predict)
+
+
+def _add_reference_roi(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reference and regions of interest")
+    g.add_argument("--reference", choices=REFERENCES, default=DEFAULT_REFERENCE,
+                   help="what chi is referenced to: its mean in the mask (default), the mean "
+                        "over ventricular CSF (R2* < 5 1/s in the brain eroded by 5 mm, "
+                        "connected regions at its centre; needs magnitude), or none")
+    g.add_argument("--roi", type=Path, metavar="LABELS",
+                   help="label image on the phase grid: writes chi mean/median/std and voxel "
+                        "counts per label (*_desc-roi_stats.tsv) with the outputs")
+    g.add_argument("--roi-names", type=Path, metavar="TABLE",
+                   help="label names for --roi: BIDS dseg.tsv (index, name columns) or "
+                        "'index name' lines (FreeSurfer LUT)")
 
 
 def _add_run_stage(sub) -> None:
@@ -408,6 +425,12 @@ def _validate_predict(args: argparse.Namespace) -> None:
             _require_file(args.mask, "--mask")
     if args.out is not None:
         _check_out_dir(args.out, "--out")
+    if args.roi is not None:
+        _require_file(args.roi, "--roi")
+    if args.roi_names is not None:
+        if args.roi is None:
+            raise QSMInputError("--roi-names: only used with --roi LABELS")
+        _require_file(args.roi_names, "--roi-names")
     _check_method(args.method)
     _check_input_flags(args)
 

@@ -232,7 +232,7 @@ def test_bfr_samples_feed_the_network_what_pdf_makes_of_the_total_field():
     with pytest.raises(ValueError, match="with_total_field"):
         SimulatedQSMDataModule(**SMALL, bfr="pdf")
     with pytest.raises(ValueError, match="unknown data.bfr"):
-        SimulatedQSMDataModule(**{**SMALL, "simulator": sim}, bfr="lbv")
+        SimulatedQSMDataModule(**{**SMALL, "simulator": sim}, bfr="harperella")
 
 
 def test_bfr_with_the_csf_rim_runs_on_brain_and_rim_as_predict_does():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +94,96 @@ def test_user_mask_wins_and_dict_twin():
     assert torch.equal(single, BrainMask(combine="first")(mag, None, vs))
     batch = BrainMask()(torch.stack([mag, mag]), None, vs)
     assert batch.shape == (2, *truth.shape) and torch.equal(batch[0], batch[1])
+
+
+def _bench():
+    """scripts/bench_brain_mask.py as a module (its bridged head phantom and scoring)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_brain_mask.py"
+    spec = importlib.util.spec_from_file_location("bench_brain_mask", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bridged_head():
+    """The evaluation head phantom (scalp, skull, air sinuses) with eyes on optic nerves and a
+    thinned temporal bone (brain-to-scalp bridges), half size, 1x1x2 mm, qsm-forward magnitude
+    at 3 T: ``(bench module, phantom, magnitude (E, X, Y, Z), voxel size)``."""
+    pytest.importorskip("qsm_forward")
+    bench = _bench()
+    vs = (1.0, 1.0, 2.0)
+    ph = bench.make_heads(vs, seed=0, scale=0.5)["bridged"]
+    return bench, ph, bench.magnitude(ph, 3.0, seed=0), vs
+
+
+def test_auto_mask_of_a_bridged_head_keeps_scalp_and_sinus_out(bridged_head):
+    bench, ph, mag, vs = bridged_head
+    # Without the separation step the mask runs over the bridges into the scalp (about 50 mL
+    # here), so the head does test the bridges.
+    leaky = bench.score(BrainMask(separation_mm=0.0)(torch.from_numpy(mag), None, vs).numpy(), ph)
+    assert leaky["false_positive_ml"]["scalp"] > 10.0
+    mask = BrainMask()(torch.from_numpy(mag), None, vs).numpy()
+    got = bench.score(mask, ph)
+    # Scalp and sinus: what is left is the stub of the cut optic nerves (separation_mm plus a
+    # voxel) and partial voxels, well under 1 mL and 0.05 mL.
+    assert got["false_positive_ml"]["scalp"] < 1.0
+    assert got["false_positive_ml"]["sinus_air"] < 0.05
+    # Against the intracranial space (brain plus the CSF rim, as bright as brain) the mask is
+    # near exact; against the brain alone the CSF rim (about 8 % of the union) bounds the Dice.
+    assert got["dice_intracranial"] > 0.99
+    assert got["dice"] > 0.91
+    assert got["missed_brain_ml"] < 0.5
+    assert ndimage.label(mask)[1] == 1
+
+
+@pytest.mark.slow
+def test_auto_mask_against_peer_bet(bridged_head):
+    """brainextractor (FSL BET in Python) on the same head: the two masks agree, and ours is the
+    closer to the intracranial space (BET's surface also takes in the inner skull)."""
+    pytest.importorskip("brainextractor")
+    bench, ph, mag, vs = bridged_head
+    peer = bench.peer_bet(mag, vs)
+    ours = BrainMask()(torch.from_numpy(mag), None, vs).numpy()
+    # Agreement is limited by BET's few mm of skull on the outside of the CSF rim.
+    assert bench.dice(ours, peer) > 0.92
+    assert bench.score(ours, ph)["dice_intracranial"] > bench.score(peer, ph)["dice_intracranial"]
+    assert bench.score(peer, ph)["false_positive_ml"]["scalp"] < 5.0
+
+
+def test_separation_falls_back_on_thin_objects():
+    """An object thinner than twice separation_mm has no core: the plain largest component."""
+    img = np.zeros((30, 30, 30), np.float32)
+    img[5:25, 5:25, 12:17] = 1.0   # a 5-voxel slab: the separation core (depth > 4 mm) is empty
+    img[2:4, 2:4, 2:4] = 1.0       # a smaller, separate blob
+    kw = {"multi_echo": False, "opening_mm": 0.0, "closing_mm": 0.0}  # no rounding of edges
+    sep = BrainMask(**kw)(torch.from_numpy(img), None)
+    expected = img > 0.5
+    expected[2:4, 2:4, 2:4] = False
+    assert torch.equal(sep, torch.from_numpy(expected))
+
+
+def test_reconstruct_uses_the_given_mask_not_the_automatic_one():
+    """reconstruct: a given mask is the mask (and the one chi is reported on), whatever the
+    magnitude suggests; without one the automatic mask is used."""
+    from qsmnet.inference.options import ReconOptions
+    from qsmnet.inference.pipeline import reconstruct
+
+    shape, vs = (32, 32, 32), (1.0, 1.0, 1.0)
+    x, y, z = _grid(shape, vs)
+    ball = (x * x + y * y + z * z) <= 12.0 ** 2
+    mag = np.stack([ball * np.exp(-0.1 * e) for e in range(3)]).astype(np.float32)
+    user = np.zeros(shape, bool)
+    user[6:20, 8:22, 10:24] = True
+    sample = {"phase": np.zeros_like(mag), "magnitude": mag, "te_s": (0.004, 0.008, 0.012),
+              "b0_t": 3.0, "voxel_size_mm": vs, "b0_dir": (0.0, 0.0, 1.0), "mask": user}
+    ident = lambda f, *a: f  # noqa: E731
+    given = reconstruct(sample, ReconOptions(bfr="vsharp"), inverter=ident)
+    assert torch.equal(given.mask, torch.from_numpy(user)) and given.params["mask"] == "given"
+    assert not bool(given.chi_mask[~torch.from_numpy(user)].any())
+    auto = reconstruct({**sample, "mask": None}, ReconOptions(bfr="vsharp"), inverter=ident)
+    assert torch.equal(auto.mask, BrainMask()(torch.from_numpy(mag), None, vs))
+    assert auto.params["mask"].startswith("automatic")
 
 
 def test_robust_threshold_between_noise_and_tissue():

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from qsmnet.inference.dipole import make_inverter
+from qsmnet.inference.reference import DEFAULT_REFERENCE, check_reference
 from qsmnet.io.errors import QSMInputError
 from qsmnet.transforms.background import BFR_METHODS
 from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM
@@ -63,6 +64,14 @@ class ReconOptions:
         From phase with magnitude, the rim (mm) of bright signal around the brain mask that
         field mapping, background removal and the inversion also use
         (:func:`qsmnet.transforms.field_support.field_support_mask`); None or 0: the mask alone.
+    reference : str
+        How chi is referenced, one of :data:`qsmnet.inference.reference.REFERENCES`
+        (``mask-mean``, ``csf``, ``none``; :func:`qsmnet.inference.reference.apply_reference`).
+    roi_labels : str or None
+        ``predict``: a label image on the chi map's grid; a TSV of chi statistics per label is
+        written with the outputs (:mod:`qsmnet.metrics.roi`).
+    roi_names : str or None
+        A table of label names for ``roi_labels`` (index and name per line).
     """
 
     method: str = "unet"
@@ -72,11 +81,20 @@ class ReconOptions:
     dc_iterations: int | None = None
     max_phase_step_rad: float | None = DEFAULT_MAX_PHASE_STEP_RAD
     field_margin_mm: float | None = DEFAULT_FIELD_MARGIN_MM
+    reference: str = DEFAULT_REFERENCE
+    roi_labels: str | None = None
+    roi_names: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", os.fspath(self.method))
         object.__setattr__(self, "device", str(self.device))
         object.__setattr__(self, "bfr_params", dict(self.bfr_params))
+        check_reference(self.reference)
+        for name in ("roi_labels", "roi_names"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else os.fspath(value))
+        if self.roi_names is not None and self.roi_labels is None:
+            raise QSMInputError("--roi-names: only used with --roi LABELS")
         if self.bfr not in BFR_METHODS:
             raise QSMInputError(f"unknown background-removal method {self.bfr!r}: use "
                                 f"{', '.join(BFR_METHODS)}")
@@ -94,7 +112,10 @@ class ReconOptions:
         """The options of a parsed ``predict`` / ``run-stage`` command line."""
         return cls(method=os.fspath(args.method), bfr=args.bfr, device=args.device,
                    dc_iterations=args.dc_iterations, max_phase_step_rad=args.max_phase_step,
-                   field_margin_mm=args.field_margin)
+                   field_margin_mm=args.field_margin,
+                   reference=getattr(args, "reference", DEFAULT_REFERENCE),
+                   roi_labels=getattr(args, "roi", None),
+                   roi_names=getattr(args, "roi_names", None))
 
     @property
     def torch_device(self) -> torch.device:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from qsmnet.inference.options import ReconOptions
+from qsmnet.inference.reference import apply_reference, csf_mask
 from qsmnet.io.errors import QSMInputError
 from qsmnet.physics.geometry import Geometry
 from qsmnet.transforms.background import make_bfr_transform
@@ -50,6 +51,9 @@ class Reconstruction:
     the brain mask, where ``chi_ppm`` and ``local_field_ppm`` are reported (each referenced to
     its mean there, 0 elsewhere). ``unreliable_mask`` (phase input) marks the voxels whose field
     failed the phase-step test of :func:`qsmnet.transforms.reliability.unreliable_phase_mask`.
+    ``chi_ppm`` is referenced as ``options.reference`` says (the mean in ``chi_mask`` by
+    default; :mod:`qsmnet.inference.reference`), ``reference_mask`` the CSF region of the
+    ``csf`` reference (None otherwise) and ``params["reference"]`` what was subtracted.
     """
 
     chi_ppm: torch.Tensor
@@ -62,6 +66,7 @@ class Reconstruction:
     support_mask: torch.Tensor | None = None
     inversion_mask: torch.Tensor | None = None
     inversion_field_ppm: torch.Tensor | None = None
+    reference_mask: torch.Tensor | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -72,18 +77,24 @@ def _sync(device: torch.device) -> None:
 
 
 def invert_on_support(inverter: Callable, field_ppm: torch.Tensor, inversion_mask: torch.Tensor,
-                      brain_mask: torch.Tensor, voxel_size_mm, b0_dir
+                      brain_mask: torch.Tensor, voxel_size_mm, b0_dir, reference: str = "mask-mean",
+                      reference_mask: torch.Tensor | None = None, info: dict | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert ``field_ppm`` on ``inversion_mask`` and report chi on its part inside the brain.
 
-    Returns ``(chi_ppm, chi_mask)``: chi referenced to its mean in ``chi_mask = inversion_mask
-    & brain_mask`` and 0 elsewhere. Inverting on the whole region background removal returned
-    (brain and rim) rather than on the brain alone is more accurate on the head phantoms
-    ("The field-support rim" in the notes of ``docs/benchmarks.md``).
+    Returns ``(chi_ppm, chi_mask)``: chi referenced as ``reference`` says (by default to its
+    mean in ``chi_mask = inversion_mask & brain_mask``; ``reference_mask`` is the CSF region
+    of ``csf``; :func:`qsmnet.inference.reference.apply_reference`, whose account of the
+    constant subtracted goes into ``info``) and 0 elsewhere. Inverting on the whole region
+    background removal returned (brain and rim) rather than on the brain alone is more
+    accurate on the head phantoms ("The field-support rim" in the notes of ``docs/benchmarks.md``).
     """
     chi = inverter(field_ppm, inversion_mask, voxel_size_mm, b0_dir)
     chi_mask = inversion_mask & brain_mask
-    return reference_to_mask_mean(chi, chi_mask), chi_mask
+    chi, applied = apply_reference(chi, chi_mask, reference, reference_mask)
+    if info is not None:
+        info.update(applied)
+    return chi, chi_mask
 
 
 @contextmanager
@@ -220,13 +231,26 @@ def _background_steps(s: Sample, options: ReconOptions, start: str, ref_index: i
     return steps
 
 
-def _inversion_step(inverter: Callable) -> Step:
+def _inversion_step(inverter: Callable, reference: str, params: dict[str, Any]) -> Step:
     def step(s: Sample) -> Sample:
+        info: dict[str, Any] = {}
         chi, chi_mask = invert_on_support(inverter, s["inversion_field_ppm"], s["inversion_mask"],
-                                          s["mask"], s["voxel_size_mm"], s["b0_dir"])
+                                          s["mask"], s["voxel_size_mm"], s["b0_dir"], reference,
+                                          s.get("reference_mask"), info)
+        params["reference"] = info
         return {**s, "chi_ppm": chi, "chi_mask": chi_mask}
 
     return step
+
+
+def _csf_region_step(s: Sample) -> Sample:
+    """The ventricular CSF of the ``csf`` reference, from the multi-echo magnitude."""
+    if s.get("magnitude") is None or "te_s" not in s:
+        raise QSMInputError("--reference csf: needs the multi-echo magnitude images (the CSF "
+                            "region is found from R2*); give them or use --reference mask-mean")
+    region = csf_mask(s["magnitude"].detach().cpu().numpy(), check_te_s(s["te_s"]),
+                      s["mask"].detach().cpu().numpy(), s["voxel_size_mm"])
+    return {**s, "reference_mask": torch.from_numpy(region).to(s["mask"].device)}
 
 
 def _local_field_steps() -> list[tuple[str, Step]]:
@@ -254,7 +278,9 @@ def reconstruction_steps(sample: Sample, options: ReconOptions, start: str, inve
         steps += _background_steps(sample, options, start, ref_index, params)
     else:
         steps += _local_field_steps()
-    steps.append(("dipole_inversion", _inversion_step(inverter)))
+    if options.reference == "csf":
+        steps.append(("reference", _csf_region_step))
+    steps.append(("dipole_inversion", _inversion_step(inverter, options.reference, params)))
     return steps
 
 
@@ -332,5 +358,6 @@ def _reconstruction(s: Sample, timings: dict[str, float], params: dict[str, Any]
                           support_mask=cpu("field_support_mask") if "field_support_mask" in s
                           else cpu("mask"),
                           inversion_mask=cpu("inversion_mask"),
-                          inversion_field_ppm=cpu("inversion_field_ppm"), timings_s=timings,
+                          inversion_field_ppm=cpu("inversion_field_ppm"),
+                          reference_mask=cpu("reference_mask"), timings_s=timings,
                           params=params)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qsmnet.inference.outputs import output_paths, write_reconstruction
+from qsmnet.inference.outputs import BidsSources, output_paths, write_reconstruction
 from qsmnet.inference.options import ReconOptions
 from qsmnet.inference.pipeline import reconstruct
 from qsmnet.inference.resources import check_memory
@@ -29,6 +29,7 @@ from qsmnet.io import (
 )
 from qsmnet.io.bids import write_derivative_description
 from qsmnet.io.output_set import check_writable, locked_folders, refuse_earlier_outputs
+from qsmnet.metrics.roi import RoiLabels, read_roi_labels
 
 log = logging.getLogger("qsmnet")
 
@@ -66,6 +67,44 @@ def _jobs_from_args(args) -> list[tuple[Acquisition, Path]]:
     return jobs
 
 
+def _raw_uris(acq: Acquisition, raw_root: Path | None) -> tuple[str, ...]:
+    """BIDS URIs (``bids:raw:...``) of a BIDS acquisition's MEGRE files, phase first."""
+    if raw_root is None or not acq.entities:
+        return ()
+    folder = Path(acq.source)
+    files = sorted(folder.glob(f"{acq.name}_echo-*_part-phase_MEGRE.nii*")) + \
+        sorted(folder.glob(f"{acq.name}_echo-*_part-mag_MEGRE.nii*"))
+    root = Path(raw_root).resolve()
+    uris = []
+    for f in files:
+        try:
+            uris.append(f"bids:raw:{f.resolve().relative_to(root).as_posix()}")
+        except ValueError:
+            continue
+    return tuple(uris)
+
+
+def _bids_sources(acq: Acquisition, chimap: Path, deriv: Path | None,
+                  raw_root: Path | None) -> BidsSources | None:
+    if deriv is None:
+        return None
+    try:
+        folder = chimap.parent.resolve().relative_to(Path(deriv).resolve()).as_posix()
+    except ValueError:
+        return None
+    return BidsSources(folder=folder, raw=_raw_uris(acq, raw_root))
+
+
+def _read_roi(options: ReconOptions, jobs: list[tuple[Acquisition, Path]]) -> RoiLabels | None:
+    """The ``--roi`` labels, read once and checked against every acquisition's grid."""
+    if options.roi_labels is None:
+        return None
+    roi = read_roi_labels(options.roi_labels, options.roi_names)
+    for acq, _ in jobs:
+        roi.check_grid(acq.phase.shape[1:], acq.affine, acq.name)
+    return roi
+
+
 def _refuse_overwrite(jobs: list[tuple[Acquisition, Path]], overwrite: bool) -> None:
     """Stop before computing when an acquisition's outputs exist, unless ``overwrite``."""
     if overwrite:
@@ -90,6 +129,7 @@ def run_predict(args) -> int:
     options = ReconOptions.from_args(args)
     jobs = _jobs_from_args(args)
     predict(jobs, options, derivatives_root=_derivatives_root(args),
+            raw_root=Path(args.bids) if args.bids is not None else None,
             sources=[str(args.bids)] if args.bids is not None else [],
             out_flag="--out" if args.out is not None else "derivatives of --bids",
             overwrite=args.overwrite, memory_check=not args.skip_memory_check,
@@ -100,18 +140,22 @@ def run_predict(args) -> int:
 def predict(jobs: list[tuple[Acquisition, Path]], options: ReconOptions,
             derivatives_root: Path | None = None, sources: list[str] | None = None,
             out_flag: str = "--out", overwrite: bool = False, memory_check: bool = True,
-            preview: bool = True) -> list[dict[str, Path]]:
+            preview: bool = True, raw_root: Path | None = None) -> list[dict[str, Path]]:
     """Reconstruct each ``(acquisition, chimap path)`` and write its outputs as one set.
 
     Every output folder is checked for writing, locked against other runs and checked for
     earlier outputs (replaced only with ``overwrite``), and the memory the reconstruction needs
     is estimated (unless ``memory_check`` is off), all before the method is loaded.
     ``derivatives_root``: BIDS derivatives folder whose ``dataset_description.json`` is written
-    (``sources``: the raw datasets it derives from). Returns the written paths per acquisition.
+    (``sources``: the raw datasets it derives from; ``raw_root``: the raw BIDS dataset, linked as
+    ``raw`` so that the sidecars' ``Sources`` name its files). ``options.roi_labels`` is read
+    and checked against every acquisition's grid before anything is computed. Returns the
+    written paths per acquisition.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     device = options.torch_device
+    roi = _read_roi(options, jobs)
     folders = sorted({chimap.parent for _, chimap in jobs})
     for folder in folders + ([derivatives_root] if derivatives_root is not None else []):
         check_writable(folder, out_flag)
@@ -123,11 +167,13 @@ def predict(jobs: list[tuple[Acquisition, Path]], options: ReconOptions,
         progress = Progress(TextColumn("{task.description}"), BarColumn(),
                             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                             transient=False)
-        return _predict_jobs(jobs, options, derivatives_root, sources or [], preview, progress)
+        return _predict_jobs(jobs, options, derivatives_root, sources or [], preview, progress,
+                             roi, raw_root)
 
 
 def _predict_jobs(jobs: list[tuple[Acquisition, Path]], options: ReconOptions,
-                  deriv: Path | None, sources: list[str], preview: bool, progress
+                  deriv: Path | None, sources: list[str], preview: bool, progress,
+                  roi: RoiLabels | None = None, raw_root: Path | None = None
                   ) -> list[dict[str, Path]]:
     t0 = time.perf_counter()
     inverter = options.make_inverter(after_bfr=True)
@@ -141,9 +187,10 @@ def _predict_jobs(jobs: list[tuple[Acquisition, Path]], options: ReconOptions,
                               inverter=inverter)
             written = write_reconstruction(
                 rec, chimap, acq.affine, acq.header, acq.voxel_size_mm, _inputs_record(acq),
-                preview=preview, timings_extra={"model_load": load_s})
+                preview=preview, timings_extra={"model_load": load_s}, roi=roi,
+                bids_sources=_bids_sources(acq, chimap, deriv, raw_root))
             if deriv is not None:
-                write_derivative_description(deriv, sources)
+                write_derivative_description(deriv, sources, raw_root=raw_root)
             log.info("%s: wrote %s", acq.name, written["chimap"])
             progress.console.print(f"{acq.name}: {written['chimap']}")
             progress.advance(task)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qsmnet.io.acquisition import Acquisition
-from qsmnet.io.atomic import atomic_write_json
+from qsmnet.io.atomic import atomic_write_json, atomic_write_text
 from qsmnet.io.echoes import load_echo_series, load_mask, resolve_b0_dir, series_name
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.phase import nifti_stored_scaling, phase_sign_from_sidecar, sidecar_phase_rescale
@@ -35,6 +35,7 @@ from qsmnet.io.validate import (
 )
 
 __all__ = [
+    "BIDSIGNORE_PATTERNS",
     "BIDS_MASK_FROM_DERIVATIVES",
     "bids_derivative_path",
     "find_bids_subjects",
@@ -383,19 +384,44 @@ def bids_derivative_path(root: str | os.PathLike | None, acquisition: Acquisitio
     return folder / "anat" / f"{stem}_{suffix}.nii.gz"
 
 
+#: Files qsmnet writes into a derivative dataset that BIDS has no name for (a field map in
+#: ``anat`` in ppm, the ROI statistics tables, PNG previews, the BIDS-App's summary and logs):
+#: listed in its ``.bidsignore`` so that the BIDS validator checks everything else.
+BIDSIGNORE_PATTERNS = ("*_fieldmap.nii.gz", "*_fieldmap.json", "*_stats.tsv", "*_stats.json",
+                       "*_Chimap.png", "qsmnet_summary.tsv", "logs/")
+
+_DERIVATIVE_README = """# qsmnet susceptibility maps
+
+Quantitative susceptibility maps (`*_Chimap.nii.gz`, chi in ppm) reconstructed by qsmnet from
+multi-echo gradient-echo phase, with the total and local field maps (ppm), the masks they are
+reported on and one JSON record per chi map (its sidecar: inputs, method, parameters,
+reference, timings). Files BIDS has no name for are listed in `.bidsignore`.
+"""
+
+
 def write_derivative_description(deriv_root: str | os.PathLike,
-                                 source_datasets: Sequence[str] = ()) -> Path:
+                                 source_datasets: Sequence[str] = (),
+                                 raw_root: str | os.PathLike | None = None) -> Path:
     """Write ``dataset_description.json`` of a qsmnet derivative folder if it is missing.
 
-    BIDS requires it for a derivative dataset; validators and BIDS apps refuse the folder
-    otherwise. An existing file is left alone (it may have been written by the user).
+    BIDS requires it for a derivative dataset (``Name``, ``BIDSVersion``, ``DatasetType``
+    ``derivative``, ``GeneratedBy``); validators and BIDS apps refuse the folder otherwise.
+    ``raw_root``: the raw dataset, linked as ``DatasetLinks.raw`` (a path relative to the
+    derivative folder), the dataset that ``bids:raw:`` URIs in the sidecars' ``Sources`` name.
+    An existing file is left alone (it may have been written by the user). A missing
+    ``README.md`` is written, and ``.bidsignore`` gets the patterns of
+    :data:`BIDSIGNORE_PATTERNS` it lacks.
     """
     from qsmnet import __version__
 
-    path = Path(deriv_root) / "dataset_description.json"
+    root = Path(deriv_root)
+    _update_bidsignore(root)
+    if not any((root / n).exists() for n in ("README", "README.md", "README.rst", "README.txt")):
+        atomic_write_text(root / "README.md", _DERIVATIVE_README)
+    path = root / "dataset_description.json"
     if path.exists():
         return path
-    description = {
+    description: dict = {
         "Name": "qsmnet susceptibility maps",
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
@@ -403,4 +429,16 @@ def write_derivative_description(deriv_root: str | os.PathLike,
     }
     if source_datasets:
         description["SourceDatasets"] = [{"URL": s} for s in source_datasets]
+    if raw_root is not None:
+        link = os.path.relpath(Path(raw_root).resolve(), root.resolve())
+        description["DatasetLinks"] = {"raw": Path(link).as_posix()}
     return atomic_write_json(path, description)
+
+
+def _update_bidsignore(root: Path) -> Path:
+    path = root / ".bidsignore"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    missing = [p for p in BIDSIGNORE_PATTERNS if p not in lines]
+    if missing:
+        atomic_write_text(path, "\n".join([*lines, *missing]) + "\n")
+    return path

@@ -7,10 +7,13 @@
 * :func:`write_simulated_subject` — a simulated subject written as BIDS multi-echo GRE with its
   truths under ``derivatives/qsmnet-simulation``.
 
-The head-like evaluation phantom (:mod:`qsmnet.simulation.head_phantom`) and its qsm-forward
-acquisition (:mod:`qsmnet.simulation.qsmforward_acquisition`) are independent of this simulator.
+The head-like evaluation phantom (:mod:`qsmnet.simulation.head_phantom`), the anatomical phantom
+built from a real brain parcellation (:func:`anatomical_phantom`, needs ``qsmnet[anatomy]``) and
+their qsm-forward acquisition (:mod:`qsmnet.simulation.qsmforward_acquisition`) are independent of
+this simulator.
 """
 
+from qsmnet.simulation.anatomical_phantom import anatomical_phantom
 from qsmnet.simulation.bids import write_simulated_subject
 from qsmnet.simulation.config import SimulationConfig, make_config
 from qsmnet.simulation.sampling import derive_seed, make_generator
@@ -19,6 +22,7 @@ from qsmnet.simulation.simulator import QSMSimulator, simulate_sample
 __all__ = [
     "QSMSimulator",
     "SimulationConfig",
+    "anatomical_phantom",
     "derive_seed",
     "make_config",
     "make_generator",

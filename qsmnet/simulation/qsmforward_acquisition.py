@@ -225,3 +225,63 @@ def evaluation_set(seeds: Sequence[int] = (0, 1), scale: float = 0.75, peak_snr:
                                        seed=1000 + seed, **opts)
             out.append((f"{name}_s{seed}", acq))
     return out
+
+
+@dataclass(frozen=True)
+class EndToEndCase:
+    """One acquisition setting of the end-to-end evaluation set.
+
+    ``r2star`` of the phantom (given at 3 T) is scaled by ``b0_t / 3``: R2* grows about linearly
+    with the field strength (Peters et al. 2007).
+    """
+
+    name: str
+    voxel_size_mm: tuple[float, float, float]
+    tilt_deg: float
+    b0_t: float
+    te_s: tuple[float, ...]
+    peak_snr: float
+
+
+_TE_3T_S = (0.004, 0.012, 0.020, 0.028)
+_TE_7T_S = (0.004, 0.009, 0.014, 0.019)  # shorter spacing: T2* is about half that at 3 T
+
+#: The end-to-end evaluation cases (from wrapped phase): 3 T and 7 T, axial and oblique B0 (15-45
+#: deg), 1 mm and 1x1x2 mm, peak SNR 50-100; the head phantom's sphenoid sinus lies a few mm
+#: under the brain. Reported in docs/benchmarks.md ("Per-stage error attribution").
+END_TO_END_CASES = (
+    EndToEndCase("3t_axial_1mm", (1.0, 1.0, 1.0), 0.0, 3.0, _TE_3T_S, 100.0),
+    EndToEndCase("3t_tilt30_1mm", (1.0, 1.0, 1.0), 30.0, 3.0, _TE_3T_S, 80.0),
+    EndToEndCase("3t_tilt15_1x1x2mm", (1.0, 1.0, 2.0), 15.0, 3.0, _TE_3T_S, 100.0),
+    EndToEndCase("7t_axial_1mm", (1.0, 1.0, 1.0), 0.0, 7.0, _TE_7T_S, 80.0),
+    EndToEndCase("7t_tilt45_1x1x2mm", (1.0, 1.0, 2.0), 45.0, 7.0, _TE_7T_S, 50.0),
+)
+
+#: Subjects (phantom seeds) of the end-to-end set: disjoint from the dipole-stage set (0, 1), on
+#: which the reconstruction defaults (field margin, unreliable-phase step, PDF settings) were
+#: chosen.
+END_TO_END_SEEDS = (11, 12)
+
+
+def end_to_end_set(seeds: Sequence[int] = END_TO_END_SEEDS, scale: float = 0.75,
+                   cases: Sequence[EndToEndCase] = END_TO_END_CASES
+                   ) -> list[tuple[str, Acquisition]]:
+    """The end-to-end evaluation set: each seed a subject, each case an acquisition of it.
+
+    The background field is computed on sub-voxels of at most ``EVALUATION_FINE_VOXEL_MM``, as
+    for :func:`evaluation_set`; noise seeds are ``2000 + seed``.
+    """
+    import dataclasses
+
+    out = []
+    for seed in seeds:
+        for case in cases:
+            ph = head_phantom(voxel_size_mm=case.voxel_size_mm, seed=seed, scale=scale)
+            ph = dataclasses.replace(ph, r2star_hz=ph.r2star_hz * (case.b0_t / 3.0))
+            acq = simulate_acquisition(
+                ph, b0_dir=tilted_b0(case.tilt_deg), b0_t=case.b0_t, te_s=case.te_s,
+                peak_snr=case.peak_snr, seed=2000 + seed,
+                background_supersample=supersample_factors(case.voxel_size_mm,
+                                                           EVALUATION_FINE_VOXEL_MM))
+            out.append((f"{case.name}_s{seed}", acq))
+    return out

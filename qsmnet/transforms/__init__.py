@@ -14,6 +14,7 @@ from qsmnet.transforms.background import (
 from qsmnet.transforms.base import Compose, DictTransform, Transform
 from qsmnet.transforms.echo_fit import MultiEchoFit, estimate_noise_std, fit_field_wls
 from qsmnet.transforms.field_support import FieldSupport, field_support_mask
+from qsmnet.transforms.lbv import LBV, lbv
 from qsmnet.transforms.inversion import (
     TKD,
     TVADMM,
@@ -34,6 +35,7 @@ from qsmnet.transforms.smoothing import gaussian_smooth_mm
 from qsmnet.transforms.temporal_unwrapping import TemporalUnwrap, temporal_unwrap
 
 __all__ = [
+    "LBV",
     "PDF",
     "RESHARP",
     "TKD",
@@ -55,6 +57,7 @@ __all__ = [
     "fit_field_wls",
     "fit_phase_polynomial",
     "gaussian_smooth_mm",
+    "lbv",
     "mcpc3ds_phase_offset",
     "pdf",
     "reference_to_mask_mean",

@@ -16,6 +16,7 @@ Methods
   voxel matched with the kernel of its own radius.
 * :func:`pdf` — projection onto dipole fields (Liu 2011): least-squares fit of the field inside
   the mask by dipoles outside it, optional noise weights, CG on the normal equations.
+* :func:`~qsmnet.transforms.lbv.lbv` — Laplacian boundary value (Zhou 2014), in its own module.
 
 Grid: each sample is cropped to the bounding box of its mask and zero padded (by the largest
 SMV radius, or ``pad`` voxels for PDF) to an FFT-friendly size; spectra use ``rfftn``. The total
@@ -56,6 +57,7 @@ from qsmnet.transforms._grid import (
 )
 from qsmnet.transforms.base import Transform
 from qsmnet.transforms.inversion import reference_to_mask_mean
+from qsmnet.transforms.lbv import LBV
 from qsmnet.transforms.solvers import conjugate_gradient
 
 
@@ -700,6 +702,7 @@ class PDF(Transform):
 
 
 #: background-removal transforms by name (``--bfr``, ``data.bfr``)
-BFR_TRANSFORMS = {"vsharp": VSHARP, "pdf": PDF, "resharp": RESHARP, "vresharp": VRESHARP}
+BFR_TRANSFORMS = {"vsharp": VSHARP, "pdf": PDF, "resharp": RESHARP, "vresharp": VRESHARP,
+                  "lbv": LBV}
 #: the method names, in the order the CLI lists them
 BFR_METHODS = tuple(BFR_TRANSFORMS)

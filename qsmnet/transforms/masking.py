@@ -4,9 +4,15 @@
   magnitude (root-sum-of-squares over echoes, or the first echo): threshold (Otsu, or the
   robust-mask rule of MriResearchTools, reference section 2), morphological opening (breaks the
   thin bridges between brain and scalp across the dark skull), the largest connected component,
-  closing, and hole filling. Morphology radii are in mm (ellipsoidal structuring elements on
-  anisotropic grids). This step runs on the CPU with scipy/scikit-image (integer decisions, no
-  gradient) and returns a bool tensor on the input's device.
+  closing, and hole filling. The largest component is chosen after an erosion by
+  ``separation_mm`` (a Euclidean distance transform in mm), which cuts bridges narrower than
+  ``2 * separation_mm`` (optic nerves into the eyes, a thin temporal bone into the muscle and
+  scalp); the kept core is then grown back inside the thresholded mask, to the voxels within
+  ``separation_mm`` plus one (smallest) voxel side of it and connected to it, so that the brain's
+  own edge returns and a cut bridge returns only as a stub of that length. Morphology radii are
+  in mm (ellipsoidal structuring elements on anisotropic grids). This step runs on the CPU with
+  scipy/scikit-image (integer decisions, no gradient) and returns a bool tensor on the input's
+  device.
 * :class:`SMVErode` erodes a mask by a sphere of radius ``radius_mm`` (an ellipsoid in voxels on
   an anisotropic grid): a voxel survives when the whole sphere around it is inside the mask. It
   is computed by FFT convolution with the SMV kernel of :func:`qsmnet.physics.kernels.smv_kernel`
@@ -146,8 +152,40 @@ def robust_threshold(weight: np.ndarray, factor: float = 1.0) -> float:
     return float(max(5 * noise, high / 5) * factor)
 
 
+def _largest(m: np.ndarray) -> np.ndarray:
+    """The largest connected component (face connectivity, ``ndimage.label``'s default)."""
+    lab, n = ndimage.label(m)
+    if n > 1:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        m = lab == int(np.argmax(sizes))
+    return m
+
+
+def _separated_component(m: np.ndarray, vs, separation_mm: float) -> np.ndarray:
+    """Largest component of ``m`` after cutting bridges narrower than ``2 * separation_mm``.
+
+    Core: voxels of ``m`` farther than ``separation_mm`` (mm, Euclidean, outside the array counts
+    as outside ``m``) from its outside, largest component. Result: the voxels of ``m`` within
+    ``separation_mm + min(vs)`` of the core and connected to it inside that set. Falls back to
+    the plain largest component of ``m`` when the core is empty (objects thinner than
+    ``2 * separation_mm``).
+    """
+    depth_mm = ndimage.distance_transform_edt(np.pad(m, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+    core = depth_mm > separation_mm
+    if not core.any():
+        return _largest(m)
+    core = _largest(core)
+    near = m & (ndimage.distance_transform_edt(~core, sampling=vs)
+                <= separation_mm + float(min(vs)))
+    lab, _ = ndimage.label(near)
+    keep = np.unique(lab[core])
+    return np.isin(lab, keep[keep > 0])
+
+
 def _auto_mask_one(mag: np.ndarray, vs, threshold: str, factor: float, opening_mm: float,
-                   closing_mm: float, fill_holes: bool, largest_component: bool) -> np.ndarray:
+                   closing_mm: float, fill_holes: bool, largest_component: bool,
+                   separation_mm: float = 0.0) -> np.ndarray:
     finite = np.isfinite(mag)
     mag = np.where(finite, mag, 0.0)
     if threshold == "otsu":
@@ -160,11 +198,7 @@ def _auto_mask_one(mag: np.ndarray, vs, threshold: str, factor: float, opening_m
     if opening_mm > 0:
         m = ndimage.binary_opening(m, ellipsoid_structure(opening_mm, vs))
     if largest_component:
-        lab, n = ndimage.label(m)
-        if n > 1:
-            sizes = np.bincount(lab.ravel())
-            sizes[0] = 0
-            m = lab == int(np.argmax(sizes))
+        m = _separated_component(m, vs, separation_mm) if separation_mm > 0 else _largest(m)
     if closing_mm > 0:
         st = ellipsoid_structure(closing_mm, vs)
         pad = [(s // 2 + 1,) * 2 for s in st.shape]
@@ -194,6 +228,10 @@ class BrainMask(OptionalKeysTransform):
         Radii (mm) of the morphological opening (before the largest component) and closing
         (after it); 0 disables.
     fill_holes, largest_component : bool
+    separation_mm : float
+        With ``largest_component``: erosion radius (mm) before the component is chosen, which
+        cuts bright bridges narrower than twice this between brain and scalp (see the module
+        docstring); 0 takes the largest component of the opened mask as it is.
 
     Call
     ----
@@ -208,12 +246,13 @@ class BrainMask(OptionalKeysTransform):
 
     def __init__(self, threshold: str = "otsu", factor: float = 1.0, combine: str = "rss",
                  multi_echo: bool = True, opening_mm: float = 2.0, closing_mm: float = 2.0,
-                 fill_holes: bool = True, largest_component: bool = True) -> None:
+                 fill_holes: bool = True, largest_component: bool = True,
+                 separation_mm: float = 4.0) -> None:
         if threshold not in ("otsu", "robust"):
             raise ValueError(f"threshold must be 'otsu' or 'robust', got {threshold!r}")
         if combine not in ("rss", "first"):
             raise ValueError(f"combine must be 'rss' or 'first', got {combine!r}")
-        if factor <= 0 or opening_mm < 0 or closing_mm < 0:
+        if not (factor > 0 and opening_mm >= 0 and closing_mm >= 0 and separation_mm >= 0):
             raise ValueError("factor must be positive and radii non-negative")
         self.threshold = threshold
         self.factor = float(factor)
@@ -223,6 +262,7 @@ class BrainMask(OptionalKeysTransform):
         self.closing_mm = float(closing_mm)
         self.fill_holes = bool(fill_holes)
         self.largest_component = bool(largest_component)
+        self.separation_mm = float(separation_mm)
 
     def magnitude_image(self, magnitude: torch.Tensor) -> torch.Tensor:
         """The single image (..., X, Y, Z) the threshold is applied to."""
@@ -248,11 +288,12 @@ class BrainMask(OptionalKeysTransform):
         lead = arr.shape[:-3]
         flat = arr.reshape(-1, *arr.shape[-3:])
         out = np.stack([_auto_mask_one(a, vs, self.threshold, self.factor, self.opening_mm,
-                                       self.closing_mm, self.fill_holes, self.largest_component)
+                                       self.closing_mm, self.fill_holes, self.largest_component,
+                                       self.separation_mm)
                         for a in flat])
         return torch.from_numpy(out.reshape(*lead, *arr.shape[-3:])).to(img.device)
 
     def __repr__(self) -> str:
         return (f"BrainMask(threshold={self.threshold!r}, factor={self.factor}, "
                 f"combine={self.combine!r}, opening_mm={self.opening_mm}, "
-                f"closing_mm={self.closing_mm})")
+                f"closing_mm={self.closing_mm}, separation_mm={self.separation_mm})")
