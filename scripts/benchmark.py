@@ -249,11 +249,14 @@ STAGE_PATHS = ("phase", "oracle_fm", "local_only")
 STAGE_ORACLE_INVERSIONS = ("tv_masked", "unet")
 
 
-def _stages_set(seeds, scale):
+def _stages_set(seeds, scale, phantom="head"):
     """The end-to-end set (:func:`~qsmnet.simulation.qsmforward_acquisition.end_to_end_set`)."""
+    import functools
+
     from qsmnet.simulation.qsmforward_acquisition import end_to_end_set
 
-    return _cached_set("e2eset", end_to_end_set, seeds, scale)
+    prefix = "e2eset" if phantom == "head" else f"e2eset_{phantom}"
+    return _cached_set(prefix, functools.partial(end_to_end_set, phantom=phantom), seeds, scale)
 
 
 def _field_mapping_once(truth_total_ppm=None, source=None):
@@ -297,7 +300,7 @@ def _stage_metrics(base, acq) -> dict:
             "coverage": float(covered.sum() / brain.sum())}
 
 
-def run_stages(seeds, scale, force=False, inversions=STAGE_INVERSIONS) -> dict:
+def run_stages(seeds, scale, force=False, inversions=STAGE_INVERSIONS, phantom="head") -> dict:
     """Per-stage error attribution on the end-to-end set (``docs/results/stages.json``).
 
     For every subject: chi from the true local field (dipole stage); chi from the true total
@@ -325,14 +328,15 @@ def run_stages(seeds, scale, force=False, inversions=STAGE_INVERSIONS) -> dict:
     for key in ("dipole", "fields", "chi"):
         res.setdefault(key, {})
     res["machine"] = _machine()
-    res["eval_set"] = {"simulator": "qsm-forward", "scale": scale, "seeds": list(seeds),
-                       "background_fine_voxel_mm": EVALUATION_FINE_VOXEL_MM,
-                       "cases": [c.__dict__ for c in END_TO_END_CASES]}
+    res.setdefault("eval_sets", {})[phantom] = {
+        "simulator": "qsm-forward", "scale": scale, "seeds": list(seeds),
+        "background_fine_voxel_mm": EVALUATION_FINE_VOXEL_MM}
+    res["cases"] = [c.__dict__ for c in END_TO_END_CASES]
     inverters = {n: _inverter(n) for n in inversions}
     e2e_inverters = {n: (_inverter(n, after_bfr=True) if n == "unet" else inv)
                      for n, inv in inverters.items()}
     inverters = {n: v for n, v in inverters.items() if v is not None}
-    for case, acq in _stages_set(seeds, scale):
+    for case, acq in _stages_set(seeds, scale, phantom):
         vs, b0 = acq.voxel_size_mm, tuple(acq.b0_dir)
         local = torch.from_numpy(acq.local_field_ppm.astype(np.float32))
         mask_t = torch.from_numpy(acq.mask)
@@ -652,15 +656,22 @@ def _stage_lines(st: dict) -> list[str]:
     from qsmnet.inference.options import ReconOptions
 
     default_bfr = ReconOptions().bfr
+    sets = st.get("eval_sets") or {"head": st["eval_set"]}
+    commands = "; ".join(
+        f"`python scripts/benchmark.py stages --phantom {k} --scale {v['scale']:g}"
+        + (f" --seeds {' '.join(map(str, v['seeds']))}`" if v.get("seeds") else "`")
+        for k, v in sets.items())
+    about = {"head": "the head-like phantom (sphenoid sinus a few mm under the brain)",
+             "anatomical": "the anatomical phantom (FreeSurfer parcellation, cases `anat_...`)"}
+    case_defs = st.get("cases") or st["eval_set"]["cases"]
     lines = ["## Per-stage error attribution, end to end from phase", "",
-             f"`python scripts/benchmark.py stages --scale {st['eval_set']['scale']:g}`. "
-             "End-to-end set: head-like phantoms simulated by qsm-forward (subjects "
-             f"{st['eval_set']['seeds']}, disjoint from the accuracy set on which the defaults "
-             "were chosen), with the sphenoid sinus a few mm under the brain; cases "
+             f"{commands}. End-to-end set, simulated by qsm-forward: "
+             + "; ".join(f"{about.get(k, k)}, subjects {v['seeds']}" for k, v in sets.items())
+             + " (disjoint from the accuracy set, on which the defaults were chosen); cases "
              + "; ".join(f"`{c['name']}` ({c['b0_t']:g} T, B0 tilt {c['tilt_deg']:g} deg, "
                          f"{'x'.join(f'{v:g}' for v in c['voxel_size_mm'])} mm, peak SNR "
                          f"{c['peak_snr']:g}, TE {', '.join(f'{1e3 * t:g}' for t in c['te_s'])} ms)"
-                         for c in st["eval_set"]["cases"]) + ".", "",
+                         for c in case_defs) + ".", "",
              "Field errors are relative to the true local field's norm on the region compared "
              "(both fields demeaned there): *total field*, after field mapping, on the brain; "
              "*local field*, after background removal, on the part of the brain it returned "
@@ -675,7 +686,8 @@ def _stage_lines(st: dict) -> list[str]:
     chi = _mean_by(st["chi"], lambda k: (_case_of(k), k.split("/")[1], k.split("/")[2],
                                          k.split("/")[3]))
     dip = _mean_by(st["dipole"], lambda k: (_case_of(k), k.split("/")[1]))
-    cases = [c["name"] for c in st["eval_set"]["cases"] if any(k[0] == c["name"] for k in fields)]
+    cases = [f"{prefix}{c['name']}" for prefix in ("", "anat_") for c in case_defs
+             if any(k[0] == f"{prefix}{c['name']}" for k in fields)]
     rows = []
     for case in cases:
         for bfr in STAGE_BFRS:
@@ -727,6 +739,26 @@ def _stage_lines(st: dict) -> list[str]:
                         f"{net['xsim']:.3f} vs {classical[b_xsim]['xsim']:.3f}",
                         f"{net_fields['coverage']:.3f}",
                         ", ".join(k for k, ok in met.items() if not ok) or "all met"])
+    dipole_rows = []
+    for case in cases:
+        classical = {n: m for (c_, n), m in dip.items() if c_ == case and n in CLASSICAL}
+        net = dip.get((case, "unet"))
+        if net is None or not classical:
+            continue
+        best = min(classical, key=lambda k: classical[k]["nrmse"])
+        dipole_rows.append([case, f"{net['nrmse']:.1f}", f"{classical[best]['nrmse']:.1f} ({best})",
+                            f"{100 * (net['nrmse'] / classical[best]['nrmse'] - 1):+.1f} %",
+                            f"{net['hfen']:.1f} vs {min(m['hfen'] for m in classical.values()):.1f}",
+                            f"{net['xsim']:.3f} vs "
+                            f"{max(m['xsim'] for m in classical.values()):.3f}"])
+    if dipole_rows:
+        lines += ["Dipole stage on the same subjects (true local field given): `unet` against "
+                  "the best classical inversion (HFEN: lowest classical, XSIM: highest "
+                  "classical); issue #17's target on the anatomical phantom is at least 20 % "
+                  "lower NRMSE with HFEN and XSIM better:", "",
+                  _table(dipole_rows, ["case", "unet NRMSE", "best classical NRMSE",
+                                       "unet relative", "HFEN unet vs best",
+                                       "XSIM unet vs best"]), ""]
     if summary:
         lines += [f"`qsmnet predict --method unet` (background removal `{default_bfr}`) from "
                   "phase against the best classical pipeline of each case (every background "
@@ -953,6 +985,8 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=0.75,
                    help="head size factor of the evaluation phantoms (grid follows)")
     p.add_argument("--no-end-to-end", action="store_true")
+    p.add_argument("--phantom", default="head", choices=("head", "anatomical"),
+                   help="phantom of the stages section (default: %(default)s)")
     p.add_argument("--inversions", nargs="+", default=list(INVERSIONS), choices=INVERSIONS,
                    help="dipole inversions of the accuracy section")
     p.add_argument("--sizes", nargs="+", default=["x".join(map(str, s)) for s in SIZES])
@@ -980,11 +1014,12 @@ def main(argv=None) -> int:
     if a.section in ("all", "stages"):
         import torch
 
-        from qsmnet.simulation.qsmforward_acquisition import END_TO_END_SEEDS
+        from qsmnet.simulation.qsmforward_acquisition import ANATOMICAL_SEEDS, END_TO_END_SEEDS
 
         torch.set_num_threads(a.threads)
-        run_stages(a.seeds or list(END_TO_END_SEEDS), a.scale, a.force,
-                   tuple(n for n in a.inversions if n in STAGE_INVERSIONS))
+        seeds = a.seeds or list(END_TO_END_SEEDS if a.phantom == "head" else ANATOMICAL_SEEDS)
+        run_stages(seeds, a.scale, a.force,
+                   tuple(n for n in a.inversions if n in STAGE_INVERSIONS), a.phantom)
     if a.section in ("all", "speed"):
         sizes = [tuple(int(n) for n in s.split("x")) for s in a.sizes]
         run_speed(sizes, a.methods, a.device, a.threads, a.force)

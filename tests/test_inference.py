@@ -61,8 +61,13 @@ def test_dipole_stage_tkd_and_tv_on_true_local_field(tmp_path, acquisition):
         nrmse[method] = score(img.get_fdata(), acquisition.chi_ppm, acquisition.mask,
                               erode_mm=None)["mask"]["nrmse"]
         assert json.loads((out / "chimap.json").read_text())["units"] == "ppm"
-    # TV beats TKD on this piecewise-constant head, and both are far better than nothing (100 %).
-    assert nrmse["tv"] < nrmse["tkd"] < 80.0, nrmse
+        # the header says what the map is and its unit (viewers and fslhd show it)
+        assert img.header["descrip"].tobytes().rstrip(b"\0") == \
+            b"chi ppm, referenced to its mean in the mask"
+    # TV beats TKD on this piecewise-constant head by a wide margin (TKD's truncation error is
+    # about three times TV's here), and both are far better than nothing (100 %); the bounds sit
+    # a fifth above this seeded fixture's figures, far beyond thread-order rounding
+    assert nrmse["tv"] < 20.0 and nrmse["tv"] < 0.5 * nrmse["tkd"] < 30.0, nrmse
     # ``tv`` keeps its data term on the brain: clearly better than the whole-grid data term,
     # which pretends the field is 0 outside the mask
     grid = tv_admm(torch.from_numpy(acquisition.local_field_ppm.astype(np.float32)),
@@ -75,13 +80,18 @@ def test_dipole_stage_tkd_and_tv_on_true_local_field(tmp_path, acquisition):
 def test_bfr_stage_recovers_local_field(tmp_path, acquisition):
     write_stage_folder(tmp_path / "in", acquisition, "bfr")
     assert main(["run-stage", "bfr", str(tmp_path / "in"), str(tmp_path / "out")]) == 0
-    local = nib.load(tmp_path / "out" / "localfield.nii.gz").get_fdata()
+    img = nib.load(tmp_path / "out" / "localfield.nii.gz")
+    assert img.header["descrip"].tobytes().rstrip(b"\0") == b"local field ppm"
+    local = img.get_fdata()
     inside = local != 0
     truth = acquisition.local_field_ppm
     t = truth[inside] - truth[inside].mean()
     rel = np.linalg.norm(local[inside] - local[inside].mean() - t) / np.linalg.norm(t)
-    assert inside.sum() > 0.3 * acquisition.mask.sum()
-    assert rel < 0.8, rel
+    # PDF (the default) keeps the whole mask; on the mask alone (no CSF rim) at 2 mm voxels it
+    # loses about two thirds of the local field's norm at the brain's edge (the per-stage
+    # attribution of docs/benchmarks.md), a bound a tenth above this fixture's figure
+    assert inside.sum() > 0.99 * acquisition.mask.sum()
+    assert rel < 0.73, rel
 
 
 def test_bfr_stage_runs_the_chosen_method(tmp_path, acquisition):

@@ -185,8 +185,8 @@ def test_closed_form_l2_matches_numpy(vs, b0, alpha):
 def test_default_pad_keeps_the_dipole_wrap_around_small(b0):
     """What the default pad is for: on the inversions' grid (mask box + DEFAULT_INVERSION_PAD per
     side) the periodic images of the dipole field change the field in the mask by under 1 % of
-    its norm (a 96-voxel pad is the reference; measured 0.33 % axial, 0.44 % oblique), far
-    below any inversion's error against the truth (TKD 34 % here); without padding it is over 3 %."""
+    its norm (a 96-voxel pad is the reference), far below any inversion's error against the
+    truth; without padding it is over 3 %."""
     mask, chi, _ = _piecewise_phantom()
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))
     c, m = torch.tensor(chi[box]), mask[box]

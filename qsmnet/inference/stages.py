@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qsmnet.inference.pipeline import reconstruct
 from qsmnet.inference.options import ReconOptions
+from qsmnet.inference.outputs import CHIMAP_DESCRIPTIONS, NIFTI_DESCRIPTIONS
+from qsmnet.inference.pipeline import reconstruct
 from qsmnet.inference.resources import check_memory
 from qsmnet.io import read_qsmci_inputs, reader_options
 from qsmnet.io.atomic import atomic_write_json
@@ -66,29 +67,35 @@ def run_stage(stage: str, in_dir, out_dir, options: ReconOptions | None = None,
             n_echoes = 1 if inputs.phase is None else inputs.phase.shape[0]
             check_memory(inputs.mask.shape, n_echoes, options.method, device, source=inputs.name)
         out, params, rec, seconds = _compute_stage(stage, inputs, options)
-        _write_stage(stage, inputs, in_dir, out_dir, names, out, params, rec, seconds)
+        _write_stage(stage, inputs, in_dir, out_dir, names, out, params, rec, seconds,
+                     options.reference)
     path = out_dir / inputs.output_name
     log.info("%s: wrote %s in %.1f s", stage, path, seconds)
     return path
 
 
-def _write_stage(stage, inputs, in_dir, out_dir: Path, names, out, params, rec, seconds) -> None:
+def _write_stage(stage, inputs, in_dir, out_dir: Path, names, out, params, rec, seconds,
+                 reference: str) -> None:
+    key = inputs.output_name.split(".")[0]  # chimap, localfield or totalfield
+    description = CHIMAP_DESCRIPTIONS[reference] if key == "chimap" else NIFTI_DESCRIPTIONS[key]
     with OutputSet(out_dir, replaces=names) as staged:
         if stage == "end-to-end" and rec.unreliable_mask is not None:
             # beside the canonical output: the voxels kept out of background removal and
             # filled in
             save_nifti(staged.path("unreliable_mask.nii.gz"),
                        rec.unreliable_mask.numpy().astype(np.uint8), inputs.affine,
-                       inputs.header, dtype=np.uint8)
+                       inputs.header, dtype=np.uint8,
+                       description=NIFTI_DESCRIPTIONS["unreliable"])
         if stage == "end-to-end" and rec.support_mask is not None:
             save_nifti(staged.path("fieldsupport_mask.nii.gz"),
                        rec.support_mask.numpy().astype(np.uint8), inputs.affine,
-                       inputs.header, dtype=np.uint8)
+                       inputs.header, dtype=np.uint8,
+                       description=NIFTI_DESCRIPTIONS["fieldsupport"])
         atomic_write_json(staged.path(names[1]),
                           {"stage": stage, "input": str(in_dir), "parameters": params,
                            "seconds": seconds, "units": "ppm"})
         save_nifti(staged.path(inputs.output_name), np.asarray(out.numpy(), np.float32),
-                   inputs.affine, inputs.header)
+                   inputs.affine, inputs.header, description=description)
         staged.commit(order=[inputs.output_name, names[1]])
 
 

@@ -15,7 +15,6 @@ Outputs go to ``ROOT/derivatives/qsmnet/sub-<id>/[ses-<s>/]anat/<entities>_<suff
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from qsmnet.io.acquisition import Acquisition
 from qsmnet.io.atomic import atomic_write_json, atomic_write_text
 from qsmnet.io.echoes import load_echo_series, load_mask, resolve_b0_dir, series_name
 from qsmnet.io.errors import QSMInputError
+from qsmnet.io.params import load_json_object
 from qsmnet.io.phase import nifti_stored_scaling, phase_sign_from_sidecar, sidecar_phase_rescale
 from qsmnet.io.validate import (
     check_b0_t,
@@ -143,13 +143,7 @@ def _sidecar(nifti: Path, root: Path, entities: dict[str, str], suffix: str) -> 
             if all(entities.get(k) == v for k, v in ents.items()):
                 found.append((len(ents), f))
         for _, f in sorted(found):
-            try:
-                obj = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise QSMInputError(f"{f.name}: cannot parse as JSON ({exc})") from exc
-            if not isinstance(obj, dict):
-                raise QSMInputError(f"{f.name}: sidecar is not a JSON object")
-            merged.update(obj)
+            merged.update(load_json_object(f, f.name, "sidecar is not a JSON object"))
     return merged
 
 

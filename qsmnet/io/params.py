@@ -50,6 +50,18 @@ class AcquisitionParams:
     source: str
 
 
+def load_json_object(path: Path, name: str, not_object: str) -> dict:
+    """The JSON object in ``path``; QSMInputError ``"<name>: ..."`` when it cannot be read or
+    parsed, or (with the words ``not_object``) when it holds something else than an object."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QSMInputError(f"{name}: cannot parse as JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise QSMInputError(f"{name}: {not_object}")
+    return obj
+
+
 def read_params_json(path: str | os.PathLike, require_te: bool = True,
                      require_b0: bool = True) -> AcquisitionParams:
     """Read and validate a QSM-CI params.json.
@@ -71,12 +83,7 @@ def read_params_json(path: str | os.PathLike, require_te: bool = True,
     name = display_name(p)
     if not p.is_file():
         raise QSMInputError(f"{os.fspath(path)}: file not found")
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QSMInputError(f"{name}: cannot parse as JSON ({exc})") from exc
-    if not isinstance(obj, dict):
-        raise QSMInputError(f"{name}: expected a JSON object with TE, B0, B0_dir, voxel_size")
+    obj = load_json_object(p, name, "expected a JSON object with TE, B0, B0_dir, voxel_size")
     # a BIDS sidecar passed as params.json is the likely mistake: say which keys to use
     bids_hint = {"EchoTime": "TE", "MagneticFieldStrength": "B0"}
     hint = [f"{k} -> {v}" for k, v in bids_hint.items() if k in obj and v not in obj]

@@ -261,27 +261,46 @@ END_TO_END_CASES = (
 #: which the reconstruction defaults (field margin, unreliable-phase step, PDF settings) were
 #: chosen.
 END_TO_END_SEEDS = (11, 12)
+#: Subjects of the anatomical phantom in the end-to-end set (its own seeds: rotation, size,
+#: values, veins and lesions), disjoint from any seed used to train or tune.
+ANATOMICAL_SEEDS = (31, 32)
+#: Phantoms of the end-to-end set: the head-like phantom and the anatomical one
+#: (:func:`qsmnet.simulation.anatomical_phantom.anatomical_phantom`); names of the latter's
+#: acquisitions start with ``anat_``.
+PHANTOMS = ("head", "anatomical")
+
+
+def _phantom(kind: str, voxel_size_mm, seed: int, scale: float) -> HeadPhantom:
+    if kind == "head":
+        return head_phantom(voxel_size_mm=voxel_size_mm, seed=seed, scale=scale)
+    if kind == "anatomical":
+        from qsmnet.simulation.anatomical_phantom import anatomical_phantom
+
+        return anatomical_phantom(voxel_size_mm=voxel_size_mm, seed=seed, scale=scale)
+    raise ValueError(f"phantom must be one of {PHANTOMS}, got {kind!r}")
 
 
 def end_to_end_set(seeds: Sequence[int] = END_TO_END_SEEDS, scale: float = 0.75,
-                   cases: Sequence[EndToEndCase] = END_TO_END_CASES
+                   cases: Sequence[EndToEndCase] = END_TO_END_CASES, phantom: str = "head"
                    ) -> list[tuple[str, Acquisition]]:
     """The end-to-end evaluation set: each seed a subject, each case an acquisition of it.
 
     The background field is computed on sub-voxels of at most ``EVALUATION_FINE_VOXEL_MM``, as
-    for :func:`evaluation_set`; noise seeds are ``2000 + seed``.
+    for :func:`evaluation_set`; noise seeds are ``2000 + seed``. ``phantom`` is one of
+    :data:`PHANTOMS` (the same seed gives a different subject in each).
     """
     import dataclasses
 
+    prefix = "" if phantom == "head" else "anat_"
     out = []
     for seed in seeds:
         for case in cases:
-            ph = head_phantom(voxel_size_mm=case.voxel_size_mm, seed=seed, scale=scale)
+            ph = _phantom(phantom, case.voxel_size_mm, seed, scale)
             ph = dataclasses.replace(ph, r2star_hz=ph.r2star_hz * (case.b0_t / 3.0))
             acq = simulate_acquisition(
                 ph, b0_dir=tilted_b0(case.tilt_deg), b0_t=case.b0_t, te_s=case.te_s,
                 peak_snr=case.peak_snr, seed=2000 + seed,
                 background_supersample=supersample_factors(case.voxel_size_mm,
                                                            EVALUATION_FINE_VOXEL_MM))
-            out.append((f"{case.name}_s{seed}", acq))
+            out.append((f"{prefix}{case.name}_s{seed}", acq))
     return out

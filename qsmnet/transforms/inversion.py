@@ -383,8 +383,7 @@ def tv_admm(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = None,
     absolute forward differences scaled by voxel size) with scaled ADMM, ``z = grad chi``:
 
     * x-update in k-space: ``(D^2 + rho |E|^2) chi = D f + rho grad^T (z - u)`` (``|E|^2`` the
-      spectrum of the periodic ``grad^T grad``, consistent with
-      :func:`qsmnet.physics.kernels.laplacian_eigenvalues`);
+      spectrum of the periodic ``grad^T grad``, as ``physics.kernels.laplacian_eigenvalues``);
     * ``z = shrink(grad chi + u, lam / rho)``; ``u <- u + grad chi - z``;
     * stop after ``max_iter`` iterations or when ``||chi_k - chi_{k-1}|| < tol ||chi_k||``.
 
