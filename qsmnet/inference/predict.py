@@ -1,5 +1,8 @@
 """``qsmnet predict``: BIDS subjects or explicit NIfTI files -> chi maps (ppm) on the input grid.
 
+NIfTI input is multi-echo phase (``--phase``) or a total field map in Hz or ppm (``--fieldmap``,
+:func:`~qsmnet.io.fieldmap.read_fieldmap`), which starts the reconstruction at background removal.
+
 All inputs are read and validated first (a bad file stops the run before anything is written),
 then the output folders (writable, not in use by another run, no earlier outputs unless
 ``--overwrite``) and the memory needed; the method is loaded once, then each acquisition is
@@ -28,13 +31,16 @@ from qsmnet.io import (
     reader_options,
 )
 from qsmnet.io.bids import write_derivative_description
+from qsmnet.io.fieldmap import FieldMapInput, read_fieldmap
 from qsmnet.io.output_set import check_writable, locked_folders, refuse_earlier_outputs
 from qsmnet.metrics.roi import RoiLabels, read_roi_labels
 
 log = logging.getLogger("qsmnet")
 
 
-def _inputs_record(acq: Acquisition) -> dict[str, Any]:
+def _inputs_record(acq: Acquisition | FieldMapInput) -> dict[str, Any]:
+    if isinstance(acq, FieldMapInput):
+        return acq.inputs_record()
     return {"source": acq.source, "name": acq.name, "shape": list(acq.shape),
             "echoes": acq.n_echoes, "te_s": list(acq.te_s), "b0_t": acq.b0_t,
             "b0_dir": [float(v) for v in acq.b0_dir],
@@ -45,7 +51,9 @@ def _inputs_record(acq: Acquisition) -> dict[str, Any]:
 def _jobs_from_args(args) -> list[tuple[Acquisition, Path]]:
     """(acquisition, chimap path) for every acquisition the arguments name, all validated."""
     jobs = []
-    if args.bids is not None:
+    if getattr(args, "fieldmap", None) is not None:
+        jobs.append((_read_fieldmap_args(args), Path(args.out) / "chimap.nii.gz"))
+    elif args.bids is not None:
         subjects = args.subject or find_bids_subjects(args.bids)
         if not subjects:
             raise QSMInputError(f"{args.bids}: no sub-* folders with MEGRE phase images")
@@ -65,6 +73,21 @@ def _jobs_from_args(args) -> list[tuple[Acquisition, Path]]:
                                 voxel_size_mm=vs, **reader_options(args))
         jobs.append((acq, Path(args.out) / "chimap.nii.gz"))
     return jobs
+
+
+def _read_fieldmap_args(args) -> FieldMapInput:
+    """The ``--fieldmap`` input: B0 (needed for Hz only), B0 direction and voxel size from
+    ``--params`` (its TE unused) or ``--b0``/``--b0-dir``."""
+    units = args.fieldmap_units or "hz"
+    b0, b0_dir, vs = args.b0, args.b0_dir, None
+    if args.params is not None:
+        p = read_params_json(args.params, require_te=False, require_b0=units == "hz")
+        b0, b0_dir, vs = p.b0_t, b0_dir if b0_dir is not None else p.b0_dir, p.voxel_size_mm
+    opts = reader_options(args)
+    return read_fieldmap(args.fieldmap, args.mask, units, b0_t=b0, b0_dir=b0_dir,
+                         voxel_size_mm=vs, mask_threshold=opts["mask_threshold"],
+                         min_extent=opts["min_extent"],
+                         require_background=opts["require_background"])
 
 
 def _raw_uris(acq: Acquisition, raw_root: Path | None) -> tuple[str, ...]:
@@ -101,7 +124,7 @@ def _read_roi(options: ReconOptions, jobs: list[tuple[Acquisition, Path]]) -> Ro
         return None
     roi = read_roi_labels(options.roi_labels, options.roi_names)
     for acq, _ in jobs:
-        roi.check_grid(acq.phase.shape[1:], acq.affine, acq.name)
+        roi.check_grid(acq.shape, acq.affine, acq.name)
     return roi
 
 
@@ -183,7 +206,8 @@ def _predict_jobs(jobs: list[tuple[Acquisition, Path]], options: ReconOptions,
         task = progress.add_task("qsmnet predict", total=len(jobs))
         for acq, chimap in jobs:
             progress.update(task, description=f"{acq.name}")
-            rec = reconstruct(acq.to_sample(device="cpu"), options, start="phase",
+            start = acq.start if isinstance(acq, FieldMapInput) else "phase"
+            rec = reconstruct(acq.to_sample(device="cpu"), options, start=start,
                               inverter=inverter)
             written = write_reconstruction(
                 rec, chimap, acq.affine, acq.header, acq.voxel_size_mm, _inputs_record(acq),

@@ -10,7 +10,7 @@ import torch
 
 from qsmnet.physics.geometry import Geometry
 
-__all__ = ["Acquisition"]
+__all__ = ["Acquisition", "geometry_sample"]
 
 
 @dataclass(eq=False)
@@ -139,3 +139,23 @@ class Acquisition:
                 f"voxel_size_mm={self.voxel_size_mm.tolist()}, mask={self.mask is not None}, "
                 f"magnitude={self.magnitude is not None}, phase_sign={self.phase_sign:+d}, "
                 f"source={self.source!r})")
+
+
+def geometry_sample(mask, voxel_size_mm, b0_dir, affine, b0_t: float | None,
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                    ) -> dict[str, Any]:
+    """The keys every sample dict of an input carries: ``mask`` (bool), ``voxel_size_mm`` and
+    ``b0_dir`` ((3,) tensors of ``dtype``), ``affine`` ((4, 4) numpy copy) and ``b0_t`` (T,
+    when known)."""
+    def tensor(a) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+
+    sample: dict[str, Any] = {
+        "mask": torch.as_tensor(np.ascontiguousarray(mask), dtype=torch.bool).to(device),
+        "voxel_size_mm": tensor(voxel_size_mm),
+        "b0_dir": tensor(b0_dir),
+        "affine": np.array(affine, copy=True),
+    }
+    if b0_t is not None:
+        sample["b0_t"] = float(b0_t)
+    return sample

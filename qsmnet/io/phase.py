@@ -52,6 +52,10 @@ PHASE_FILL_MIN = 0.8
 _INT_MIN_LEVELS = 256
 _UNIT_NAMES = {"rad": "radians", "deg": "degrees", "int": "integers", "mrad": "milliradians"}
 _OVERRIDE = "pass --phase-units rad, deg, int or mrad to say which"
+#: Pre-unwrapped phase (float radians past [-pi, pi]) cannot be told from scaled phase by its
+#: values, so ``auto`` refuses it; ``rad`` wraps it, which qsmnet's own unwrapping then undoes.
+_UNWRAPPED_HINT = ("for phase already unwrapped, in radians (e.g. by ROMEO), pass --phase-units "
+                   "rad, which wraps it to [-pi, pi) before qsmnet unwraps it")
 
 
 def integer_phase_range(vmin: float, vmax: float) -> tuple[int, int]:
@@ -142,7 +146,7 @@ def _guess_units(name: str, vmin: float, vmax: float, is_int: bool, values: str,
                 f"{name}: phase values span {values}, which is not in radians ([-pi, pi]), "
                 "nor degrees filling [-180, 180] or [0, 360], nor integer raw phase, nor "
                 "milliradians filling [-1000*pi, 1000*pi]; "
-                f"rescale it to radians first, or {_OVERRIDE}")
+                f"rescale it to radians first, or {_OVERRIDE}; {_UNWRAPPED_HINT}")
     return units, why
 
 
@@ -162,7 +166,8 @@ def phase_to_radians(phase: np.ndarray, name: str = "phase", units: str = "auto"
         range the values fill (at least :data:`PHASE_FILL_MIN` of it): radians in [0, 2*pi]
         (wrapped), degrees in [-180, 180] or [0, 360], integers in the power-of-two range of
         :func:`integer_phase_range`, or (with ``mrad``) milliradians in [-1000*pi, 1000*pi];
-        refused when none fits. ``rad``: radians, wrapped into [-pi, pi) where outside. ``deg``:
+        refused when none fits. ``rad``: radians, wrapped into [-pi, pi) where outside (phase
+        unwrapped elsewhere, which the field mapping unwraps again). ``deg``:
         ``v * pi / 180``, ``mrad``: ``v / 1000``, wrapped. ``int``: integer raw phase
         (refused if not integer-valued).
     mrad : bool

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qsmnet.io.acquisition import Acquisition
+from qsmnet.io.acquisition import Acquisition, geometry_sample
 from qsmnet.physics.geometry import Geometry
 from qsmnet.io.echoes import load_echo_series, load_mask, resolve_b0_dir, resolve_voxel_size
 from qsmnet.io.errors import QSMInputError
@@ -146,14 +146,8 @@ class QSMCIInputs:
         def tensor(a) -> torch.Tensor:
             return torch.as_tensor(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
 
-        sample: dict[str, Any] = {
-            "mask": torch.as_tensor(np.ascontiguousarray(self.mask), dtype=torch.bool).to(device),
-            "voxel_size_mm": tensor(self.voxel_size_mm),
-            "b0_dir": tensor(self.b0_dir),
-            "affine": self.affine.copy(),
-        }
-        if self.b0_t is not None:
-            sample["b0_t"] = float(self.b0_t)
+        sample = geometry_sample(self.mask, self.voxel_size_mm, self.b0_dir, self.affine,
+                                 self.b0_t, device, dtype)
         if self.te_s is not None:
             sample["te_s"] = tensor(np.asarray(self.te_s, dtype=np.float64))
         if self.totalfield_ppm is not None:

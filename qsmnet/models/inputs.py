@@ -1,5 +1,10 @@
 """Network input channels built from the local field and the acquisition geometry.
 
+The ``magnitude`` channel is a prior image, not computed from the field: the magnitude (or any
+structural image) the data pipeline provides as ``MAGNITUDE_KEY`` (``estimate_magnitude``) in the
+batch, normalised per sample to mean 1 inside the mask (zero outside), so that its absolute
+scale (coil, receiver gain) does not matter.
+
 The kernel-aware first estimate is what lets one network handle any B0 direction and voxel size:
 ``l2`` (closed-form Tikhonov/gradient-regularised inversion) and ``tkd`` are computed with each
 sample's **own** ``b0_dir`` and ``voxel_size_mm``, so the streaks and cone artefacts the network
@@ -28,6 +33,8 @@ from qsmnet.transforms.inversion import (
 )
 
 CHANNELS = ("local_field", "tkd", "l2", "tv", "mask")
+#: channels of prior images the data provides (not computed from the field), see the module doc
+PRIOR_CHANNELS = ("magnitude",)
 ESTIMATES = ("tkd", "l2", "tv")
 #: the :func:`classical_estimate` keyword arguments each estimate depends on
 ESTIMATE_PARAMS = {"tkd": ("tkd_threshold", "pad"), "l2": ("l2_alpha", "pad"),
@@ -35,6 +42,19 @@ ESTIMATE_PARAMS = {"tkd": ("tkd_threshold", "pad"), "l2": ("l2_alpha", "pad"),
 #: key prefix of estimates precomputed by the data pipeline (``estimate_tv`` ...), see
 #: :meth:`InputBuilder.forward`
 PRECOMPUTED_PREFIX = "estimate_"
+#: batch key of the magnitude prior of the ``magnitude`` channel (``provided["magnitude"]``)
+MAGNITUDE_KEY = PRECOMPUTED_PREFIX + "magnitude"
+
+
+def normalized_magnitude(magnitude: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``magnitude * mask / mean(magnitude in the mask)`` per sample (``(B, 1, X, Y, Z)``).
+
+    The mean is floored at 1e-12 so that an all-zero magnitude stays finite (zero).
+    """
+    m = magnitude * mask
+    n = mask.sum(dim=(-3, -2, -1), keepdim=True).clamp_min(1.0)
+    mean = m.sum(dim=(-3, -2, -1), keepdim=True) / n
+    return m / mean.clamp_min(1e-12)
 
 
 def classical_estimate(name: str, field: torch.Tensor, mask: torch.Tensor, voxel_size_mm,
@@ -74,9 +94,10 @@ class InputBuilder(nn.Module):
 
     Parameters
     ----------
-    channels : sequence of {"local_field", "tkd", "l2", "mask"}
+    channels : sequence of {"local_field", "tkd", "l2", "tv", "mask", "magnitude"}
         Channel order of the network input. ``l2`` and ``tkd`` use the sample's own B0 direction
-        and voxel size.
+        and voxel size. ``magnitude`` is ``provided["magnitude"]`` normalised per sample
+        (:func:`normalized_magnitude`), not multiplied by ``scale``.
     scale : float
         Fixed multiplier ppm -> network units for the field and chi channels.
     l2_alpha : float
@@ -94,9 +115,10 @@ class InputBuilder(nn.Module):
                  tv_lam: float = DEFAULT_TV_LAMBDA_WEIGHTED, tv_iterations: int = 100) -> None:
         super().__init__()
         channels = tuple(str(c) for c in channels)
-        unknown = [c for c in channels if c not in CHANNELS]
+        unknown = [c for c in channels if c not in CHANNELS + PRIOR_CHANNELS]
         if unknown or not channels:
-            raise ValueError(f"unknown input channels {unknown}; choose from {CHANNELS}")
+            raise ValueError(f"unknown input channels {unknown}; choose from "
+                             f"{CHANNELS + PRIOR_CHANNELS}")
         if len(set(channels)) != len(channels):
             raise ValueError(f"duplicate input channels in {channels}")
         if scale <= 0:
@@ -134,6 +156,7 @@ class InputBuilder(nn.Module):
         ``extra``) to a ``(B, 1, X, Y, Z)`` tensor in ppm. ``provided`` holds estimates already
         computed with :func:`classical_estimate` and :attr:`estimate_params` (training batches
         carry the slow ``tv`` one precomputed by the data workers); they are used as given.
+        The ``magnitude`` channel needs ``provided["magnitude"]`` (``(B, 1, X, Y, Z)``, a.u.).
         """
         if local_field_ppm.ndim != 5 or local_field_ppm.shape[1] != 1:
             raise ValueError(f"local_field_ppm must be (B, 1, X, Y, Z), got {tuple(local_field_ppm.shape)}")
@@ -145,6 +168,10 @@ class InputBuilder(nn.Module):
         field = local_field_ppm * m
         estimates: dict[str, torch.Tensor] = {}
         provided = provided or {}
+        if "magnitude" in self.channels and "magnitude" not in provided:
+            raise ValueError(f"the 'magnitude' input channel needs a magnitude image: batches "
+                             f"carry it as {MAGNITUDE_KEY!r} (data.magnitude_prior=true); this "
+                             f"input has {sorted(provided)}")
         with torch.no_grad():
             for name in ESTIMATES:
                 if name in self.channels or name in extra:
@@ -158,6 +185,9 @@ class InputBuilder(nn.Module):
                 parts.append(field * self.scale)
             elif c == "mask":
                 parts.append(m)
+            elif c == "magnitude":
+                mag = provided["magnitude"].to(field.dtype).reshape(field.shape)
+                parts.append(normalized_magnitude(mag, m))
             else:
                 parts.append(estimates[c] * self.scale)
         return torch.cat(parts, dim=1), estimates

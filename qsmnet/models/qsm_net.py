@@ -183,7 +183,9 @@ class QSMNet(nn.Module):
         m = mask.to(x.dtype).reshape(local_field_ppm.shape)
         if self.normalize == "rms":
             amplitude = self._amplitude_ppm(local_field_ppm, estimates, m)
-            ppm_channels = torch.tensor([c != "mask" for c in self.inputs.channels],
+            # the mask and the (already normalised) magnitude prior carry no ppm
+            ppm_channels = torch.tensor([c not in ("mask", "magnitude")
+                                         for c in self.inputs.channels],
                                         device=x.device).reshape(1, -1, 1, 1, 1)
             # InputBuilder multiplied the ppm channels by `scale`: undo it and divide by s
             x = torch.where(ppm_channels, x / (self.scale * amplitude), x)

