@@ -26,7 +26,12 @@ from pathlib import Path
 
 from qsmnet import __version__
 from qsmnet.inference.dipole import CLASSICAL_METHODS
-from qsmnet.inference.reference import DEFAULT_REFERENCE, REFERENCES
+from qsmnet.inference.reference import (
+    CSF_EROSION_MM,
+    CSF_R2STAR_MAX_PER_S,
+    DEFAULT_REFERENCE,
+    REFERENCES,
+)
 from qsmnet.io.errors import QSMInputError
 from qsmnet.io.fieldmap import FIELDMAP_UNITS
 from qsmnet.io.qsmci import QSMCI_INPUTS, QSMCI_STAGES
@@ -242,8 +247,9 @@ def _add_reference_roi(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reference and regions of interest")
     g.add_argument("--reference", choices=REFERENCES, default=DEFAULT_REFERENCE,
                    help="what chi is referenced to: its mean in the mask (default), the mean "
-                        "over ventricular CSF (R2* < 5 1/s in the brain eroded by 5 mm, "
-                        "connected regions at its centre; needs magnitude), or none")
+                        f"over ventricular CSF (R2* < {CSF_R2STAR_MAX_PER_S:g} 1/s in the brain "
+                        f"eroded by {CSF_EROSION_MM:g} mm, connected regions at its centre; "
+                        "needs magnitude), or none")
     g.add_argument("--roi", type=Path, metavar="LABELS",
                    help="label image on the phase grid: writes chi mean/median/std and voxel "
                         "counts per label (*_desc-roi_stats.tsv) with the outputs")

@@ -218,18 +218,12 @@ def _slug(name: str) -> str:
 def score_rows(rows: list[dict[str, Any]], truth_chi: Path, truth_mask: Path) -> None:
     """Add ``nrmse`` (%), ``hfen`` (%), ``xsim``, ``nrmse_detrend`` (%) and ``correlation`` to
     each row: its chimap against ``truth_chi`` (ppm) inside ``truth_mask`` (nonzero voxels)."""
-    import numpy as np
+    from qsmnet.metrics.evaluate import evaluate_files
 
-    from qsmnet.io.nifti import load_nifti
-    from qsmnet.metrics import score
-
-    chi, _, header = load_nifti(truth_chi)
-    mask = load_nifti(truth_mask)[0] > 0
-    voxel_size_mm = tuple(float(v) for v in header.get_zooms()[:3])
     for row in rows:
-        pred = load_nifti(row["chimap"])[0]
-        metrics = score(np.asarray(pred, np.float64), chi, mask, voxel_size_mm,
-                        erode_mm=None)["mask"]
+        # what `qsmnet evaluate` computes (grids checked), without the eroded mask
+        result = evaluate_files(row["chimap"], truth_chi, truth_mask, erode_mm=0)
+        metrics = result["metrics"]["mask"]
         row.update({k: metrics[k] for k in ("nrmse", "hfen", "xsim", "nrmse_detrend",
                                             "correlation")})
 
