@@ -118,7 +118,10 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                    help="background-field removal (default: %(default)s; pdf keeps the whole "
                         "mask, vsharp/resharp/vresharp erode it; vresharp is V-SHARP's "
                         "variable radius with RESHARP's regularised solve; lbv, the Laplacian "
-                        "boundary value method, returns the mask less its outer layers)")
+                        "boundary value method, returns the mask less its outer layers; tfi, a "
+                        "total-field inversion, fits chi of the brain and of a band around it "
+                        "to the total field and returns the field of the brain's part, on the "
+                        "whole mask)")
 
 
 def _add_phase_sign(p: argparse.ArgumentParser, from_sidecar: bool = False) -> None:

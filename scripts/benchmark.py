@@ -239,8 +239,11 @@ def run_accuracy(seeds, scale, force=False, end_to_end=True, inversions=INVERSIO
 
 
 STAGE_INVERSIONS = ("tkd", "l2", "tv_masked", "tv_masked+dc", "unet")
-#: Background removals of the attribution: the accuracy section's and LBV.
-STAGE_BFRS = (*BFRS, "lbv")
+#: Background removals of the attribution: the accuracy section's, LBV and total-field inversion.
+STAGE_BFRS = (*BFRS, "lbv", "tfi")
+#: TFI's own susceptibility (from phase), scored as a classical pipeline beside the inversions
+#: of its local field.
+TFI_OWN_CHI = "tfi_chi"
 #: Inputs of background removal in the attribution: the field map from phase (what ``predict``
 #: does), the true total field (a perfect field map) and the true local field alone (no
 #: background: what background removal takes from the brain's own field, its ceiling).
@@ -298,6 +301,27 @@ def _stage_metrics(base, acq) -> dict:
     return {"total_field_nrmse": total["nrmse"], "total_field_rms_ppb": total["rms_ppb"],
             "local_field_nrmse": local["nrmse"], "local_field_rms_ppb": local["rms_ppb"],
             "coverage": float(covered.sum() / brain.sum())}
+
+
+def _tfi_own_chi(base, acq) -> dict:
+    """Score TFI's own chi on the inputs the pipeline gave ``--bfr tfi`` (same weights)."""
+    import torch
+
+    from qsmnet.metrics import score
+    from qsmnet.transforms.tfi import tfi_weights, total_field_inversion
+
+    t0 = time.perf_counter()
+    support = base.support_mask.bool()
+    reliable = None if base.unreliable_mask is None else ~base.unreliable_mask.bool()
+    w = tfi_weights(support, base.field_noise_ppm, reliable)
+    chi, _, _ = total_field_inversion(base.total_field_ppm, support, acq.voxel_size_mm,
+                                      tuple(acq.b0_dir), w)
+    brain = torch.from_numpy(acq.mask)
+    chi = (chi - chi[brain].mean()) * brain
+    m = score(chi.numpy(), acq.chi_ppm, acq.mask, acq.voxel_size_mm, erode_mm=None)["mask"]
+    m["seconds_inversion"] = time.perf_counter() - t0
+    print(f"chi tfi own: NRMSE {m['nrmse']:.1f} %", flush=True)
+    return m
 
 
 def run_stages(seeds, scale, force=False, inversions=STAGE_INVERSIONS, phantom="head") -> dict:
@@ -383,6 +407,8 @@ def run_stages(seeds, scale, force=False, inversions=STAGE_INVERSIONS, phantom="
                     m["seconds_inversion"] = time.perf_counter() - t0
                     res["chi"][f"{fkey}/{name}"] = m
                     print(f"chi {fkey}/{name}: NRMSE {m['nrmse']:.1f} %", flush=True)
+                if bfr == "tfi" and path_name == "phase":
+                    res["chi"][f"{fkey}/{TFI_OWN_CHI}"] = _tfi_own_chi(base, acq)
                 _save(path, res)
     return res
 
@@ -562,7 +588,7 @@ def _synthetic_volume(shape, seed=0):
             "b0_dir": (0.0, 0.0, 1.0), "mask": s["mask"][0] > 0}
 
 
-def _speed_worker(shape, method, device, threads, queue):
+def _speed_worker(shape, method, device, threads, queue, bfr="pdf"):
     import torch
 
     torch.set_num_threads(threads)
@@ -575,7 +601,7 @@ def _speed_worker(shape, method, device, threads, queue):
     with open("/proc/self/status") as f:
         before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
     t0 = time.perf_counter()
-    rec = reconstruct(sample, ReconOptions(bfr="pdf", device=device), start="phase",
+    rec = reconstruct(sample, ReconOptions(bfr=bfr, device=device), start="phase",
                       inverter=inv)
     total = time.perf_counter() - t0
     with open("/proc/self/status") as f:
@@ -586,7 +612,9 @@ def _speed_worker(shape, method, device, threads, queue):
                "support_voxels": int(rec.support_mask.sum())})
 
 
-def run_speed(sizes, methods, device="cpu", threads=2, force=False) -> dict:
+def run_speed(sizes, methods, device="cpu", threads=2, force=False, bfrs=("pdf",)) -> dict:
+    """End-to-end time and peak memory per size, inversion and background removal (a fresh
+    process each; keys ``device/size/method`` for PDF, ``device/size/method+bfr`` otherwise)."""
     path = RESULTS / "speed.json"
     res = {} if force else _load(path)
     res.setdefault("runs", {})
@@ -594,12 +622,13 @@ def run_speed(sizes, methods, device="cpu", threads=2, force=False) -> dict:
     res["machine"]["threads_used"] = threads
     ctx = mp.get_context("spawn")
     for shape in sizes:
-        for method in methods:
-            key = f"{device}/{'x'.join(map(str, shape))}/{method}"
+        for method, bfr in ((m, b) for m in methods for b in bfrs):
+            suffix = "" if bfr == "pdf" else f"+{bfr}"
+            key = f"{device}/{'x'.join(map(str, shape))}/{method}{suffix}"
             if key in res["runs"]:
                 continue
             q = ctx.Queue()
-            p = ctx.Process(target=_speed_worker, args=(shape, method, device, threads, q))
+            p = ctx.Process(target=_speed_worker, args=(shape, method, device, threads, q, bfr))
             p.start()
             p.join()
             if p.exitcode != 0:
@@ -731,11 +760,12 @@ def _stage_lines(st: dict) -> list[str]:
                             "no background", "perfect field map", "from phase", "tv: dipole",
                             "no background", "perfect field map", "from phase"]), ""]
     summary = []
-    for case in cases:
-        net = chi.get((case, default_bfr, "phase", "unet"))
-        net_fields = fields.get((case, default_bfr, "phase"))
-        classical = {f"{b}+{n}": m for (c_, b, p_, n), m in chi.items()
-                     if c_ == case and p_ == "phase" and n in CLASSICAL}
+    for case, net_bfr in ((c_, b) for c_ in cases for b in dict.fromkeys((default_bfr, "tfi"))):
+        net = chi.get((case, net_bfr, "phase", "unet"))
+        net_fields = fields.get((case, net_bfr, "phase"))
+        classical = {(n if n == TFI_OWN_CHI else f"{b}+{n}"): m
+                     for (c_, b, p_, n), m in chi.items()
+                     if c_ == case and p_ == "phase" and (n in CLASSICAL or n == TFI_OWN_CHI)}
         if net is None or not classical:
             continue
         best = min(classical, key=lambda k: classical[k]["nrmse"])
@@ -748,7 +778,7 @@ def _stage_lines(st: dict) -> list[str]:
                "HFEN, XSIM better": (net["hfen"] < classical[b_hfen]["hfen"]
                                      and net["xsim"] > classical[b_xsim]["xsim"]),
                "coverage >= 0.95": net_fields["coverage"] >= 0.95}
-        summary.append([case, f"{net['nrmse']:.1f}", f"{d_net:.1f}",
+        summary.append([case, net_bfr, f"{net['nrmse']:.1f}", f"{d_net:.1f}",
                         f"{classical[best]['nrmse']:.1f} ({best})",
                         f"{net['hfen']:.1f} vs {classical[b_hfen]['hfen']:.1f}",
                         f"{net['xsim']:.3f} vs {classical[b_xsim]['xsim']:.3f}",
@@ -768,13 +798,15 @@ def _stage_lines(st: dict) -> list[str]:
                   "lower NRMSE with HFEN and XSIM better:", "",
                   _table(dipole_rows, VERSUS_BEST_HEAD), ""]
     if summary:
-        lines += [f"`qsmnet predict --method unet` (background removal `{default_bfr}`) from "
-                  "phase against the best classical pipeline of each case (every background "
-                  "removal with every classical inversion), and the targets of issue #16 "
+        lines += [f"`qsmnet predict --method unet` (background removal `{default_bfr}`, the "
+                  "default, and `tfi`) from phase against the best classical pipeline of each "
+                  "case (every background removal with every classical inversion, and TFI's "
+                  f"own chi, `{TFI_OWN_CHI}`), and the targets of issue #16 "
                   "(NRMSE at most 25 % and at most twice the network's dipole-stage NRMSE, at "
                   "least 10 % under the best classical pipeline, HFEN and XSIM better, coverage "
                   "at least 0.95):", "",
-                  _table(summary, ["case", "unet NRMSE", "unet dipole NRMSE",
+                  _table(summary, ["case", "background removal", "unet NRMSE",
+                                   "unet dipole NRMSE",
                                    "best classical NRMSE", "HFEN unet vs best",
                                    "XSIM unet vs best", "coverage", "targets missed"]), ""]
     return lines
@@ -936,7 +968,8 @@ def render() -> Path:
                   "![truth, unet, TV and their errors](figures/slices_axial_1mm.png)", ""]
     spd = _load(RESULTS / "speed.json")
     if spd.get("runs"):
-        lines += ["## Speed and peak memory, end to end (rim + field mapping + PDF + inversion)",
+        lines += ["## Speed and peak memory, end to end (rim + field mapping + background "
+                  "removal + inversion)",
                   "",
                   f"Machine: {spd.get('machine')}. Each row is a fresh process; peak memory is "
                   "the process's resident-set high-water mark (VmHWM).", ""]
@@ -945,17 +978,19 @@ def render() -> Path:
         rows = []
         for key, r in spd["runs"].items():
             dev, shape, meth = key.split("/")
+            meth, _, bfr = meth.partition("+")
             # the figure `predict` checks against the free memory before it starts (4 echoes)
             estimate = estimate_peak_bytes([int(v) for v in shape.split("x")], 4) / 2**20
-            rows.append([dev, shape, meth, r.get("mask_voxels", ""), r.get("support_voxels", ""),
+            rows.append([dev, shape, meth, bfr or "pdf", r.get("mask_voxels", ""), r.get("support_voxels", ""),
                          f"{r.get('seconds_field_support', 0):.1f}",
                          f"{r.get('seconds_field_mapping', 0):.1f}",
                          f"{r.get('seconds_background_removal', 0):.1f}",
                          f"{r.get('seconds_dipole_inversion', 0):.1f}",
                          f"{r['seconds_total']:.1f}", f"{r['peak_rss_mb']:.0f}",
                          f"{estimate:.0f}"])
-        lines += [_table(rows, ["device", "volume", "inversion", "mask voxels",
-                                "with rim", "rim s", "field map s", "PDF s", "inversion s", "total s",
+        lines += [_table(rows, ["device", "volume", "inversion", "background removal",
+                                "mask voxels", "with rim", "rim s", "field map s",
+                                "background removal s", "inversion s", "total s",
                                 "peak MB", "estimated MB"]), "",
                   "The estimate (`qsmnet.inference.resources.estimate_peak_bytes`) is what "
                   "`predict` and `run-stage` compare with the memory available before they "
@@ -993,6 +1028,8 @@ def main(argv=None) -> int:
                    help="dipole inversions of the accuracy section")
     p.add_argument("--sizes", nargs="+", default=["x".join(map(str, s)) for s in SIZES])
     p.add_argument("--methods", nargs="+", default=["unet", "tv"])
+    p.add_argument("--bfrs", nargs="+", default=["pdf"],
+                   help="background removals of the speed section (default: %(default)s)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="recompute cached results")
@@ -1024,7 +1061,7 @@ def main(argv=None) -> int:
                    tuple(n for n in a.inversions if n in STAGE_INVERSIONS), a.phantom)
     if a.section in ("all", "speed"):
         sizes = [tuple(int(n) for n in s.split("x")) for s in a.sizes]
-        run_speed(sizes, a.methods, a.device, a.threads, a.force)
+        run_speed(sizes, a.methods, a.device, a.threads, a.force, tuple(a.bfrs))
     if a.section in ("all", "ablation"):
         run_ablation(a.ablation_steps, a.ablation_seed, a.ablation_patch, a.threads, a.force)
     if a.section in ("all", "figures"):

@@ -210,18 +210,22 @@ def _background_steps(s: Sample, options: ReconOptions, start: str, ref_index: i
                       lambda x: {**x, "field_support_mask": x["mask"]}))
     bfr_params = dict(options.bfr_params)
     check_unreliable = start == "phase" and bool(options.max_phase_step_rad)
+    weighted = options.bfr in ("pdf", "tfi")
     if check_unreliable:
-        weigh = options.bfr == "pdf" and "weights" not in bfr_params
+        weigh = weighted and "weights" not in bfr_params
         steps.append(("background_removal", _unreliable_step(
             float(options.max_phase_step_rad), ref_index, weigh, params)))
     keys = {"field_ppm": "total_field_ppm", "mask": "field_support_mask",
             "voxel_size_mm": "voxel_size_mm"}
-    if options.bfr == "pdf":
+    if weighted:
         keys["b0_dir"] = "b0_dir"
         if "weights" in bfr_params:
             s["bfr_weights"] = bfr_params["weights"]
         if "weights" in bfr_params or check_unreliable:
             keys["weights"] = "bfr_weights"
+    if options.bfr == "tfi" and start == "phase":
+        # TFI weighs the data by the inverse of the field's noise (field mapping's estimate)
+        keys["field_noise_ppm"] = "field_noise_ppm"
     steps.append(("background_removal", DictTransform(
         make_bfr_transform(options.bfr, bfr_params), keys,
         ["inversion_field_ppm", "inversion_mask"])))

@@ -49,3 +49,34 @@ def laplacian(x: torch.Tensor, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)) ->
         term = (torch.roll(x, -1, dims=d) - 2.0 * x + torch.roll(x, 1, dims=d)) / float(h) ** 2
         out = term if out is None else out + term
     return out
+
+
+def gradient_into(x: torch.Tensor, out: torch.Tensor, inv_h: Sequence[float]) -> torch.Tensor:
+    """Periodic forward differences of 3-D ``x`` into ``out`` (3, X, Y, Z), in place.
+
+    Equal to :func:`gradient` without its temporaries (the iterative solvers call it hundreds
+    of times on large grids); ``inv_h`` is ``1 / voxel_size`` (per mm).
+    """
+    for axis in range(3):
+        o = out[axis]
+        n = x.shape[axis]
+        torch.sub(x.narrow(axis, 1, n - 1), x.narrow(axis, 0, n - 1), out=o.narrow(axis, 0, n - 1))
+        torch.sub(x.narrow(axis, 0, 1), x.narrow(axis, n - 1, 1), out=o.narrow(axis, n - 1, 1))
+        o.mul_(inv_h[axis])
+    return out
+
+
+def gradient_adjoint_into(g: torch.Tensor, out: torch.Tensor, inv_h: Sequence[float],
+                       tmp: torch.Tensor) -> torch.Tensor:
+    """``grad^T g = -div g`` (periodic) of ``g`` (3, X, Y, Z) into ``out`` (X, Y, Z), in place;
+    ``tmp`` is scratch shaped like ``out``."""
+    out.zero_()
+    for axis in range(3):
+        gi = g[axis]
+        n = gi.shape[axis]
+        # (grad^T g)[i] = (g[i-1] - g[i]) / h
+        torch.sub(gi.narrow(axis, 0, n - 1), gi.narrow(axis, 1, n - 1),
+                  out=tmp.narrow(axis, 1, n - 1))
+        torch.sub(gi.narrow(axis, n - 1, 1), gi.narrow(axis, 0, 1), out=tmp.narrow(axis, 0, 1))
+        out.add_(tmp, alpha=inv_h[axis])
+    return out

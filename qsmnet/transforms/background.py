@@ -17,6 +17,9 @@ Methods
 * :func:`pdf` — projection onto dipole fields (Liu 2011): least-squares fit of the field inside
   the mask by dipoles outside it, optional noise weights, CG on the normal equations.
 * :func:`~qsmnet.transforms.lbv.lbv` — Laplacian boundary value (Zhou 2014), in its own module.
+* :class:`~qsmnet.transforms.tfi.TFIBackground` — the background field of a total-field
+  inversion (Liu 2017): susceptibility fitted on the mask and a band around it at once, the
+  field of the part outside the mask subtracted; in :mod:`qsmnet.transforms.tfi`.
 
 Grid: each sample is cropped to the bounding box of its mask and zero padded (by the largest
 SMV radius, or ``pad`` voxels for PDF) to an FFT-friendly size; spectra use ``rfftn``. The total
@@ -59,6 +62,7 @@ from qsmnet.transforms.base import Transform
 from qsmnet.transforms.inversion import reference_to_mask_mean
 from qsmnet.transforms.lbv import LBV
 from qsmnet.transforms.solvers import conjugate_gradient
+from qsmnet.transforms.tfi import TFIBackground
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,24 +571,30 @@ def remove_background(method: str, field_ppm: torch.Tensor, mask: torch.Tensor,
 
     The training data (``data.bfr``) and the inference pipeline both run the transform of
     :data:`BFR_TRANSFORMS`, so that a network trained on background-removed fields sees exactly
-    what inference gives it. ``b0_dir`` is used by PDF only (the SMV methods do not depend on
-    it); ``params`` are the transform's constructor arguments, plus ``weights`` (PDF's noise
-    weights). Returns ``(local_field_ppm, mask)`` as the method does.
+    what inference gives it. ``b0_dir`` is used by PDF and TFI only (the SMV methods and LBV do
+    not depend on it); ``params`` are the transform's constructor arguments, plus ``weights``
+    (PDF's noise weights; TFI's reliability weights) and, for TFI, ``field_noise_ppm``.
+    Returns ``(local_field_ppm, mask)`` as the method does.
     """
     transform = make_bfr_transform(method, params)
     weights = params.get("weights")
     if method == "pdf":
         return transform(field_ppm, mask, voxel_size_mm, b0_dir, weights=weights)
+    if method == "tfi":
+        return transform(field_ppm, mask, voxel_size_mm, b0_dir, weights=weights,
+                         field_noise_ppm=params.get("field_noise_ppm"))
     return transform(field_ppm, mask, voxel_size_mm)
 
 
 def make_bfr_transform(method: str, params: dict | None = None) -> Transform:
-    """The transform of background removal ``method`` with constructor ``params`` (``weights``,
-    a per-call input, is left out)."""
+    """The transform of background removal ``method`` with constructor ``params`` (the per-call
+    inputs ``weights`` and ``field_noise_ppm`` are left out)."""
     if method not in BFR_TRANSFORMS:
         raise ValueError(f"unknown background-removal method {method!r}: use "
                          f"{', '.join(BFR_TRANSFORMS)}")
-    return BFR_TRANSFORMS[method](**{k: v for k, v in (params or {}).items() if k != "weights"})
+    per_call = ("weights", "field_noise_ppm")
+    return BFR_TRANSFORMS[method](**{k: v for k, v in (params or {}).items()
+                                     if k not in per_call})
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,6 +713,6 @@ class PDF(Transform):
 
 #: background-removal transforms by name (``--bfr``, ``data.bfr``)
 BFR_TRANSFORMS = {"vsharp": VSHARP, "pdf": PDF, "resharp": RESHARP, "vresharp": VRESHARP,
-                  "lbv": LBV}
+                  "lbv": LBV, "tfi": TFIBackground}
 #: the method names, in the order the CLI lists them
 BFR_METHODS = tuple(BFR_TRANSFORMS)

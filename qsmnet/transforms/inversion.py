@@ -42,6 +42,7 @@ import torch
 from qsmnet.physics.geometry import as_voxel_size_mm
 from qsmnet.physics.forward import _crop, _pad, pad_amount
 from qsmnet.physics.kernels import dipole_kernel, laplacian_eigenvalues
+from qsmnet.physics.operators import gradient_adjoint_into, gradient_into
 from qsmnet.transforms._grid import (
     PadArg,
     broadcast_mask,
@@ -237,35 +238,6 @@ def closed_form_l2(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = No
 # TV-ADMM
 # --------------------------------------------------------------------------------------------
 
-def _grad_into(x: torch.Tensor, out: torch.Tensor, inv_h: Sequence[float]) -> torch.Tensor:
-    """Periodic forward differences of 3-D ``x`` into ``out`` (3, X, Y, Z), in place.
-
-    Equal to :func:`qsmnet.physics.operators.gradient` without its temporaries.
-    """
-    for axis in range(3):
-        o = out[axis]
-        n = x.shape[axis]
-        torch.sub(x.narrow(axis, 1, n - 1), x.narrow(axis, 0, n - 1), out=o.narrow(axis, 0, n - 1))
-        torch.sub(x.narrow(axis, 0, 1), x.narrow(axis, n - 1, 1), out=o.narrow(axis, n - 1, 1))
-        o.mul_(inv_h[axis])
-    return out
-
-
-def _grad_adjoint_into(g: torch.Tensor, out: torch.Tensor, inv_h: Sequence[float],
-                       tmp: torch.Tensor) -> torch.Tensor:
-    """``grad^T g = -div g`` (periodic) of ``g`` (3, X, Y, Z) into ``out`` (X, Y, Z)."""
-    out.zero_()
-    for axis in range(3):
-        gi = g[axis]
-        n = gi.shape[axis]
-        # (grad^T g)[i] = (g[i-1] - g[i]) / h
-        torch.sub(gi.narrow(axis, 0, n - 1), gi.narrow(axis, 1, n - 1),
-                  out=tmp.narrow(axis, 1, n - 1))
-        torch.sub(gi.narrow(axis, n - 1, 1), gi.narrow(axis, 0, 1), out=tmp.narrow(axis, 0, 1))
-        out.add_(tmp, alpha=inv_h[axis])
-    return out
-
-
 def _tv_admm_single(f, m, vs, b0, w, *, lam, rho, mu, max_iter, tol, pad):
     as_voxel_size_mm(vs)
     full = tuple(f.shape)
@@ -303,13 +275,13 @@ def _tv_admm_single(f, m, vs, b0, w, *, lam, rho, mu, max_iter, tol, pad):
     g = torch.empty_like(z)
     tmp = torch.empty_like(fp)
     rhs = torch.empty_like(fp)
-    _grad_into(chi, z, inv_h)
+    gradient_into(chi, z, inv_h)
     thr = lam / rho
     iters = 0
     for iters in range(1, max_iter + 1):
         # x-update: (D^2 + rho E^2) chi = D f + rho grad^T (z - u)   [weighted: mu D (v - s2)]
         torch.sub(z, u, out=g)
-        _grad_adjoint_into(g, rhs, inv_h, tmp)
+        gradient_adjoint_into(g, rhs, inv_h, tmp)
         spec = rfft(rhs).mul_(rho)
         if weighted:
             spec.addcmul_(rfft(v - s2), d, value=mu)
@@ -318,7 +290,7 @@ def _tv_admm_single(f, m, vs, b0, w, *, lam, rho, mu, max_iter, tol, pad):
             spec.mul_(ia).add_(base)
         chi_new = irfft(spec)
         # z-update (anisotropic shrinkage) and dual ascent.
-        _grad_into(chi_new, g, inv_h)
+        gradient_into(chi_new, g, inv_h)
         g.add_(u)                                   # g = grad chi + u
         torch.clamp(g, -thr, thr, out=z)
         torch.sub(g, z, out=z)                      # z = shrink(grad chi + u)

@@ -1,0 +1,303 @@
+"""Total-field inversion (TFI): susceptibility of the brain and of the background at once.
+
+Background removal has to split the total field into the brain's own field and the field of
+sources outside the region; whatever it takes of the brain's field, or leaves of the
+background, the dipole inversion cannot undo. TFI skips the split: it fits the total field
+``f`` on the field support ``M`` (the brain and its CSF rim) with one susceptibility map that
+covers ``M`` *and* a band of ``pad`` voxels around it, where the background sources are,
+
+    min_y  1/2 ||W (f - D P y)||^2_M  +  lam || G grad(P y) ||_iso,      chi = P y,
+
+with the dipole convolution ``D`` (periodic on the padded grid), data weights ``W`` (the inverse
+of the field's noise, zero where the field is unreliable and outside ``M``), isotropic total
+variation on the gradient pairs ``G`` with both ends in ``M``, and the preconditioner ``P``: 1 in
+``M`` and ``pb`` outside. Background sources (air, bone) are tens of times stronger than the
+brain's contrasts; ``P`` lets the solver reach them in few iterations without changing the
+minimiser of the data term (Liu et al. 2017, whose idea this follows).
+
+The TV term is handled by iteratively reweighted least squares: each outer iteration fixes
+``Lambda = 1 / sqrt(|grad chi|^2 + eps^2)`` at the current estimate and solves the normal
+equations ``(P D W^2 D P + lam P grad^T G Lambda grad P) y = P D W^2 f`` by conjugate gradients,
+warm started from the previous estimate.
+
+Two uses in qsmnet:
+
+* :func:`total_field_inversion` returns chi on ``M``, the field that chi makes there (the local
+  field it explains) and the field of the sources outside ``M`` (the background field);
+* :class:`TFIBackground` is a background-removal method (``--bfr tfi``): it returns that local
+  field on all of ``M``, and any dipole inversion (the network included) runs on it.
+
+The defaults (``lam``, ``pb``, ``eps``, iteration budgets) were chosen on the tuning subject of
+the end-to-end set (seed 2), which is in no evaluation set; the sweep is in the "Total-field
+inversion" notes of ``docs/benchmarks.md``.
+
+References
+----------
+Liu Z., Kee Y., Zhou D., Wang Y., Spincemaille P., "Preconditioned total field inversion
+(TFI) method for quantitative susceptibility mapping", MRM 78:303 (2017).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from qsmnet.physics.forward import _crop, _pad, pad_amount
+from qsmnet.physics.geometry import as_voxel_size_mm
+from qsmnet.physics.kernels import dipole_kernel
+from qsmnet.physics.operators import gradient_adjoint_into, gradient_into
+from qsmnet.transforms._grid import (
+    Vec3,
+    crop_box,
+    float_dtype,
+    map_samples,
+    nonempty_box,
+    per_sample_vectors,
+    uncrop_box,
+)
+from qsmnet.transforms.base import Transform
+from qsmnet.transforms.inversion import reference_to_mask_mean
+from qsmnet.transforms.solvers import conjugate_gradient
+
+__all__ = ["TFI_DEFAULTS", "TFIBackground", "tfi_weights", "total_field_inversion"]
+
+#: Defaults of :func:`total_field_inversion` (tuning subject, see the module docstring).
+TFI_DEFAULTS = {"lam": 5e-5, "pb": 5.0, "eps": 1e-3, "outer_iterations": 10,
+                "cg_iterations": 80, "cg_tol": 1e-4, "pad": 24}
+
+#: Field noise below this fraction of its median in the support is raised to it, so that a
+#: few voxels with an implausibly small noise estimate do not carry the data term.
+NOISE_FLOOR_FRAC = 0.2
+
+
+def tfi_weights(mask: torch.Tensor, field_noise_ppm: torch.Tensor | None = None,
+                reliable: torch.Tensor | None = None) -> torch.Tensor:
+    """Data weights of :func:`total_field_inversion`: ``1 / noise`` on ``mask``, RMS 1 there.
+
+    Parameters
+    ----------
+    mask : (X, Y, Z) bool tensor
+        Field support.
+    field_noise_ppm : (X, Y, Z) tensor, optional
+        Standard deviation of the field (ppm), e.g. from
+        :class:`~qsmnet.transforms.field_mapping.FieldMapping`; floored at
+        ``NOISE_FLOOR_FRAC`` times its median in ``mask``. Uniform weights when None.
+    reliable : (X, Y, Z) bool or float tensor, optional
+        Zero where the field is not to be used (unreliable voxels).
+
+    Returns
+    -------
+    (X, Y, Z) tensor, zero outside ``mask``.
+    """
+    m = mask.bool()
+    if field_noise_ppm is None:
+        w = m.to(torch.float32)
+    else:
+        noise = torch.as_tensor(field_noise_ppm).to(float_dtype(torch.as_tensor(field_noise_ppm)))
+        inside = noise[m]
+        inside = inside[torch.isfinite(inside) & (inside > 0)]
+        if inside.numel() == 0:
+            raise ValueError("field_noise_ppm has no finite positive value in the mask")
+        floor = NOISE_FLOOR_FRAC * float(inside.median())
+        safe = torch.where(torch.isfinite(noise) & (noise > floor), noise,
+                           torch.full_like(noise, floor))
+        w = torch.where(m, 1.0 / safe, torch.zeros_like(safe))
+    if reliable is not None:
+        w = w * torch.as_tensor(reliable).to(device=w.device, dtype=w.dtype)
+    rms = float(w[m].pow(2).mean().sqrt()) if bool(m.any()) else 0.0
+    if not rms > 0:
+        raise ValueError("the data weights are zero everywhere in the mask")
+    return w / rms
+
+
+def _pair_mask(m: torch.Tensor) -> torch.Tensor:
+    """(3, X, Y, Z): forward-difference pairs (i, i+1) with both ends in ``m`` (no wrap)."""
+    g = torch.zeros((3, *m.shape), dtype=torch.bool, device=m.device)
+    for axis in range(3):
+        n = m.shape[axis]
+        both = m.narrow(axis, 0, n - 1) & m.narrow(axis, 1, n - 1)
+        g[axis].narrow(axis, 0, n - 1).copy_(both)
+    return g
+
+
+def _tfi_single(f, m, vs, b0, w, *, lam, pb, eps, outer_iterations, cg_iterations, cg_tol,
+                pad):
+    as_voxel_size_mm(vs)
+    full = tuple(f.shape)
+    box = nonempty_box(m)
+    cshape = tuple(crop_box(m, box).shape)
+    pads = pad_amount(cshape, pad)
+    padded = tuple(n + a + b for n, (a, b) in zip(cshape, pads))
+    dt, dev = f.dtype, f.device
+    mp = _pad(crop_box(m, box).to(dt), pads) > 0
+    fp = _pad(crop_box(f * m.to(dt), box), pads)
+    wp = _pad(crop_box(w.to(dt) * m.to(dt), box), pads)
+    w2 = wp * wp
+    p = torch.where(mp, torch.ones_like(fp), torch.full_like(fp, float(pb)))
+    d = dipole_kernel(padded, vs, b0, half=True, dtype=dt, device=dev)
+    inv_h = [1.0 / h for h in vs]
+    pairs = _pair_mask(mp).to(dt)
+
+    def conv(x):
+        return torch.fft.irfftn(torch.fft.rfftn(x) * d, s=padded)
+
+    grad = torch.empty((3, *padded), dtype=dt, device=dev)
+    tmp = torch.empty_like(fp)
+    out = torch.empty_like(fp)
+    lam_weights = torch.empty_like(grad)
+
+    def apply_a(y):
+        py = p * y
+        data = conv(w2 * conv(py))
+        gradient_into(py, grad, inv_h)
+        grad.mul_(lam_weights)
+        gradient_adjoint_into(grad, out, inv_h, tmp)
+        return p * (data + lam * out)
+
+    b = p * conv(w2 * fp)
+    y = torch.zeros_like(fp)
+    for _ in range(int(outer_iterations)):
+        gradient_into(p * y, grad, inv_h)
+        grad.mul_(pairs)
+        scale = 1.0 / torch.sqrt(grad.pow(2).sum(dim=0) + eps * eps)
+        torch.mul(pairs, scale, out=lam_weights)
+        y, _, _ = conjugate_gradient(apply_a, b, x0=y, max_iter=int(cg_iterations), tol=cg_tol)
+    chi = p * y
+    inside = torch.where(mp, chi, torch.zeros_like(chi))
+
+    def back(x):
+        return uncrop_box(_crop(x, pads, cshape), box, full) * m.to(dt)
+
+    return back(chi), back(conv(inside)), back(conv(chi - inside))
+
+
+def _check(lam, pb, eps, outer_iterations, cg_iterations) -> None:
+    if not lam >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    if not pb > 0:
+        raise ValueError(f"pb must be > 0, got {pb}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if outer_iterations < 1 or cg_iterations < 1:
+        raise ValueError("outer_iterations and cg_iterations must be >= 1, got "
+                         f"{outer_iterations} and {cg_iterations}")
+
+
+def total_field_inversion(total_field_ppm: torch.Tensor, mask: torch.Tensor,
+                          voxel_size_mm: Vec3 = (1.0, 1.0, 1.0),
+                          b0_dir: Vec3 = (0.0, 0.0, 1.0),
+                          weights: torch.Tensor | None = None, *,
+                          lam: float = TFI_DEFAULTS["lam"], pb: float = TFI_DEFAULTS["pb"],
+                          eps: float = TFI_DEFAULTS["eps"],
+                          outer_iterations: int = TFI_DEFAULTS["outer_iterations"],
+                          cg_iterations: int = TFI_DEFAULTS["cg_iterations"],
+                          cg_tol: float = TFI_DEFAULTS["cg_tol"],
+                          pad: int | Sequence[int] = TFI_DEFAULTS["pad"]
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Preconditioned total-field inversion (module docstring; Liu et al. 2017).
+
+    Parameters
+    ----------
+    total_field_ppm : (..., X, Y, Z) tensor
+        Total field, ppm (background not removed). Only its values in ``mask`` are used.
+    mask : (X, Y, Z) or (B, X, Y, Z) bool tensor
+        Field support: where the field is measured (the brain and its CSF rim).
+    voxel_size_mm, b0_dir : (3,) or (B, 3)
+        Voxel size (mm) and B0 direction (array axes).
+    weights : tensor broadcastable to the field, optional
+        Data weights ``W`` (>= 0), e.g. :func:`tfi_weights`; the mask when None.
+    lam : float
+        TV weight, ppm * mm, with ``W`` of RMS 1 in the mask (as TV-ADMM's weighted ``lam``).
+    pb : float
+        Preconditioner outside the mask (1 inside).
+    eps : float
+        Smoothing of the isotropic TV, ppm / mm.
+    outer_iterations, cg_iterations : int
+        Reweighting steps, and conjugate-gradient iterations per step (a fixed budget).
+    cg_tol : float
+        Relative residual at which a CG solve stops early.
+    pad : int or (3,) ints
+        Band (voxels per side) around the mask's bounding box where background sources are
+        modelled; the grid is rounded up to an FFT-friendly size.
+
+    Returns
+    -------
+    chi_ppm : (..., X, Y, Z) tensor
+        Susceptibility in the mask, zero mean there, 0 outside.
+    local_field_ppm : (..., X, Y, Z) tensor
+        Field (ppm) of ``chi_ppm``, in the mask (0 mean there, 0 outside): the local field TFI
+        explains. Unlike the total field less the background below, it holds none of the
+        noise and field-mapping error that no susceptibility accounts for.
+    background_field_ppm : (..., X, Y, Z) tensor
+        Field (ppm) of the susceptibility outside the mask, in the mask (0 outside).
+    """
+    _check(lam, pb, eps, outer_iterations, cg_iterations)
+    x = torch.as_tensor(total_field_ppm)
+    x = x.detach().to(float_dtype(x))
+    if x.ndim < 3:
+        raise ValueError(f"total_field_ppm must be (..., X, Y, Z), got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("total_field_ppm has non-finite values")
+    mask = torch.as_tensor(mask).bool()
+    if not bool(mask.any()):
+        raise ValueError("mask is empty: there is no voxel to reconstruct")
+    lead = tuple(x.shape[:-3])
+    vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
+    b0s = per_sample_vectors(b0_dir, lead, "b0_dir")
+    w = mask.to(x.dtype) if weights is None else torch.as_tensor(weights).to(x.dtype)
+    if bool(torch.any(w < 0)) or not bool(torch.isfinite(w).all()):
+        raise ValueError("weights must be finite and non-negative")
+    one = functools.partial(_tfi_single, lam=float(lam), pb=float(pb), eps=float(eps),
+                            outer_iterations=int(outer_iterations),
+                            cg_iterations=int(cg_iterations), cg_tol=float(cg_tol), pad=pad)
+    with torch.no_grad():
+        chi, local, background = map_samples(one, x, mask, vss, b0s, extra=w)
+    mb = mask if mask.shape == chi.shape else torch.broadcast_to(mask, chi.shape)
+    return reference_to_mask_mean(chi, mb), reference_to_mask_mean(local, mb), background
+
+
+class TFIBackground(Transform):
+    """Background removal by total-field inversion (``--bfr tfi``).
+
+    The local field is the field of the susceptibility TFI finds in the mask
+    (:func:`total_field_inversion`'s ``local_field_ppm``), on the whole mask: nothing is eroded.
+    Subtracting the background field from the total field instead leaves in the local field
+    all of the noise and field-mapping error, which is of the order of the brain's own field
+    (the "Total-field inversion" notes of ``docs/benchmarks.md``).
+
+    Dict keys: total_field_ppm, mask, voxel_size_mm, b0_dir -> local_field_ppm, mask.
+    """
+
+    input_keys = {"field_ppm": "total_field_ppm", "mask": "mask",
+                  "voxel_size_mm": "voxel_size_mm", "b0_dir": "b0_dir"}
+    output_keys = ("local_field_ppm", "mask")
+
+    def __init__(self, lam: float = TFI_DEFAULTS["lam"], pb: float = TFI_DEFAULTS["pb"],
+                 eps: float = TFI_DEFAULTS["eps"],
+                 outer_iterations: int = TFI_DEFAULTS["outer_iterations"],
+                 cg_iterations: int = TFI_DEFAULTS["cg_iterations"],
+                 cg_tol: float = TFI_DEFAULTS["cg_tol"], pad: int = TFI_DEFAULTS["pad"]) -> None:
+        _check(lam, pb, eps, outer_iterations, cg_iterations)
+        self.params = {"lam": lam, "pb": pb, "eps": eps, "outer_iterations": outer_iterations,
+                       "cg_iterations": cg_iterations, "cg_tol": cg_tol, "pad": pad}
+
+    def __call__(self, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
+                 weights=None, field_noise_ppm=None):
+        """``weights``: zero where the field is unreliable (optional); ``field_noise_ppm``:
+        the field's noise, whose inverse weighs the data (:func:`tfi_weights`)."""
+        mask = torch.as_tensor(mask).bool()
+        if mask.ndim == 3 and torch.as_tensor(field_ppm).ndim == 3:
+            w = tfi_weights(mask, field_noise_ppm, weights)
+        elif field_noise_ppm is None and weights is None:
+            w = None
+        else:
+            raise ValueError("TFIBackground: noise and reliability weights need one (X, Y, Z) "
+                             "subject at a time")
+        _, local, _ = total_field_inversion(field_ppm, mask, voxel_size_mm, b0_dir, w,
+                                            **self.params)
+        return local, mask
+
+    def __repr__(self) -> str:
+        return "TFIBackground(" + ", ".join(f"{k}={v:g}" for k, v in self.params.items()) + ")"
