@@ -17,9 +17,9 @@ Methods
 * :func:`pdf` — projection onto dipole fields (Liu 2011): least-squares fit of the field inside
   the mask by dipoles outside it, optional noise weights, CG on the normal equations.
 * :func:`~qsmnet.transforms.lbv.lbv` — Laplacian boundary value (Zhou 2014), in its own module.
-* :class:`~qsmnet.transforms.tfi.TFIBackground` — the background field of a total-field
-  inversion (Liu 2017): susceptibility fitted on the mask and a band around it at once, the
-  field of the part outside the mask subtracted; in :mod:`qsmnet.transforms.tfi`.
+* :class:`~qsmnet.transforms.tfi.TFIBackground` — total-field inversion (Liu 2017):
+  susceptibility fitted on the mask and a band around it at once; the local field is the field
+  of the part inside the mask, on the whole mask; in :mod:`qsmnet.transforms.tfi`.
 
 Grid: each sample is cropped to the bounding box of its mask and zero padded (by the largest
 SMV radius, or ``pad`` voxels for PDF) to an FFT-friendly size; spectra use ``rfftn``. The total
