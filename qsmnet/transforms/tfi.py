@@ -50,6 +50,7 @@ from qsmnet.physics.kernels import dipole_kernel
 from qsmnet.physics.operators import gradient_adjoint_into, gradient_into
 from qsmnet.transforms._grid import (
     Vec3,
+    broadcast_mask,
     crop_box,
     float_dtype,
     map_samples,
@@ -95,7 +96,8 @@ def tfi_weights(mask: torch.Tensor, field_noise_ppm: torch.Tensor | None = None,
     if field_noise_ppm is None:
         w = m.to(torch.float32)
     else:
-        noise = torch.as_tensor(field_noise_ppm).to(float_dtype(torch.as_tensor(field_noise_ppm)))
+        noise = torch.as_tensor(field_noise_ppm)
+        noise = noise.to(float_dtype(noise))
         inside = noise[m]
         inside = inside[torch.isfinite(inside) & (inside > 0)]
         if inside.numel() == 0:
@@ -254,7 +256,7 @@ def total_field_inversion(total_field_ppm: torch.Tensor, mask: torch.Tensor,
                             cg_iterations=int(cg_iterations), cg_tol=float(cg_tol), pad=pad)
     with torch.no_grad():
         chi, local, background = map_samples(one, x, mask, vss, b0s, extra=w)
-    mb = mask if mask.shape == chi.shape else torch.broadcast_to(mask, chi.shape)
+    mb = broadcast_mask(mask, chi)
     return reference_to_mask_mean(chi, mb), reference_to_mask_mean(local, mb), background
 
 
