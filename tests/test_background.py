@@ -25,7 +25,7 @@ from qsmnet.transforms import (
     vresharp,
     vsharp,
 )
-from qsmnet.transforms.background import _default_radii
+from qsmnet.transforms.background import BFR_METHODS, _default_radii, remove_background
 
 SHAPE = (56, 60, 52)
 
@@ -293,6 +293,39 @@ def test_input_errors():
         resharp(f, torch.ones(8, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="voxel_size"):
         vsharp(f, m, (1.0, -1.0, 1.0), radii_mm=[2])
+
+
+# small budgets: the check is about the input, not the solve
+_QUICK = {"tfi": {"outer_iterations": 2, "cg_iterations": 15}, "pdf": {"max_iter": 20},
+          "resharp": {"radius_mm": 3.0, "max_iter": 10}, "vresharp": {"max_iter": 10},
+          "vsharp": {"radii_mm": [3.0, 2.0]}, "lbv": {"max_iter": 50}}
+
+
+@pytest.mark.parametrize("method", BFR_METHODS)
+def test_non_finite_values_outside_the_mask_are_ignored_inside_refused(method):
+    """A field map written with NaN/inf outside the brain gives what zeros there give; a NaN
+    inside the mask is refused by every method, with the same message."""
+    g = torch.Generator().manual_seed(5)
+    shape = (28, 28, 28)
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape],
+                                     indexing="ij"))
+    mask = ((idx - 13.5) ** 2).sum(0) <= 9.0 ** 2
+    field = torch.randn(shape, generator=g, dtype=torch.float64) * 0.01
+    outside = (~mask) & (torch.rand(shape, generator=g) < 0.3)
+    holes = field.clone()
+    holes[outside] = float("nan")
+    holes[(~mask) & (torch.rand(shape, generator=g) < 0.05)] = float("inf")
+    zeros = torch.where(torch.isfinite(holes), holes, torch.zeros((), dtype=holes.dtype))
+    params = _QUICK.get(method, {})
+    got, got_mask = remove_background(method, holes, mask, (1.0, 1.0, 1.0), **params)
+    want, want_mask = remove_background(method, zeros, mask, (1.0, 1.0, 1.0), **params)
+    assert torch.equal(got_mask, want_mask) and bool(got_mask.any())
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    bad = zeros.clone()
+    bad[13, 13, 13] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values inside the mask"):
+        remove_background(method, bad, mask, (1.0, 1.0, 1.0), **params)
 
 
 def test_partial_volume_sphere_keeps_harmonic_fields_on_anisotropic_grids():

@@ -5,6 +5,7 @@ The names here carry no leading underscore because they are used across modules 
 
 * dtypes and broadcasting: :func:`float_dtype`, :func:`as_float`, :func:`broadcast_mask`,
   :func:`broadcast_like`, :func:`prepare_weights`;
+* the input check of the field-to-field transforms: :func:`checked_field`;
 * per-sample geometry and batching: :func:`per_sample_vectors`, :func:`map_samples`;
 * bounding boxes and crops: :func:`mask_bbox` (the one bounding-box helper), :func:`nonempty_box`,
   :func:`crop_box`, :func:`uncrop_box`.
@@ -76,6 +77,35 @@ def prepare_weights(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if bool(torch.any(w < 0)) or not bool(torch.all(torch.isfinite(w))):
         raise ValueError("weights must be finite and non-negative")
     return broadcast_like(w, x)
+
+
+def checked_field(field_ppm: torch.Tensor, mask: torch.Tensor | None,
+                  name: str = "field_ppm") -> torch.Tensor:
+    """The input check shared by the background-field removals and total-field inversion.
+
+    ``field_ppm`` is ``(..., X, Y, Z)`` and ``mask`` broadcasts onto it. Values must be finite
+    inside the mask; outside it they are not used, and NaN or inf there (a field map written
+    with NaN outside the brain, as many tools do) is replaced by 0. Returns the field detached,
+    as float32/float64.
+
+    Raises
+    ------
+    ValueError
+        Fewer than three axes, no mask, an empty mask, or a non-finite value inside the mask.
+    """
+    x = torch.as_tensor(field_ppm).detach()
+    x = x.to(float_dtype(x))
+    if x.ndim < 3:
+        raise ValueError(f"{name} must be (..., X, Y, Z), got shape {tuple(x.shape)}")
+    if mask is None:
+        raise ValueError("background-field removal needs a mask")
+    inside = broadcast_mask(torch.as_tensor(mask), x)
+    if not bool(inside.any()):
+        raise ValueError("mask is empty: there is no voxel to reconstruct")
+    finite = torch.isfinite(x)
+    if not bool(finite[inside].all()):
+        raise ValueError(f"{name} has non-finite values inside the mask")
+    return x if bool(finite.all()) else torch.where(finite, x, torch.zeros((), dtype=x.dtype))
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,8 +50,8 @@ from qsmnet.transforms._grid import (
     PadArg,
     Vec3,
     broadcast_mask,
+    checked_field,
     crop_box,
-    float_dtype,
     map_samples,
     nonempty_box,
     per_sample_vectors,
@@ -68,16 +68,6 @@ from qsmnet.transforms.tfi import TFIBackground
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-def _check_inputs(field_ppm: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if field_ppm.ndim < 3:
-        raise ValueError(f"field_ppm must be (..., X, Y, Z), got shape {tuple(field_ppm.shape)}")
-    if mask is None:
-        raise ValueError("background-field removal needs a mask")
-    if not bool(torch.all(torch.isfinite(field_ppm[broadcast_mask(mask, field_ppm)]))):
-        raise ValueError("field_ppm has non-finite values inside the mask")
-    return field_ppm.detach().to(float_dtype(field_ppm))
-
 
 def _radius_voxels(radius_mm: float, vs: Sequence[float]) -> list[int]:
     """Reach of the partial-volume sphere's support, in voxels per axis."""
@@ -256,7 +246,7 @@ def vsharp(field_ppm: torch.Tensor, mask: torch.Tensor,
     """
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    x = _check_inputs(field_ppm, mask)
+    x = checked_field(field_ppm, mask)
     lead = tuple(x.shape[:-3])
     vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
 
@@ -361,7 +351,7 @@ def vresharp(field_ppm: torch.Tensor, mask: torch.Tensor,
     """
     if lam <= 0:
         raise ValueError(f"lam must be positive, got {lam}")
-    x = _check_inputs(field_ppm, mask)
+    x = checked_field(field_ppm, mask)
     lead = tuple(x.shape[:-3])
     vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
 
@@ -448,7 +438,7 @@ def resharp(field_ppm: torch.Tensor, mask: torch.Tensor,
         raise ValueError(f"radius_mm must be positive, got {radius_mm}")
     if lam <= 0:
         raise ValueError(f"lam must be positive, got {lam}")
-    x = _check_inputs(field_ppm, mask)
+    x = checked_field(field_ppm, mask)
     lead = tuple(x.shape[:-3])
     vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
 
@@ -545,7 +535,7 @@ def pdf(field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm: Vec3 = (1.0,
     """
     if pad is None or isinstance(pad, str):
         raise ValueError(f"pdf needs an explicit padding in voxels, got {pad!r}")
-    x = _check_inputs(field_ppm, mask)
+    x = checked_field(field_ppm, mask)
     lead = tuple(x.shape[:-3])
     vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
     b0s = per_sample_vectors(b0_dir, lead, "b0_dir")

@@ -21,8 +21,8 @@ import torch
 from qsmnet.physics.geometry import as_voxel_size_mm
 from qsmnet.transforms._grid import (
     Vec3,
+    checked_field,
     crop_box,
-    float_dtype,
     map_samples,
     mask_bbox,
     per_sample_vectors,
@@ -113,13 +113,8 @@ def lbv(field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm: Vec3 = (1.0,
     """
     if peel < 0:
         raise ValueError(f"peel must be >= 0, got {peel}")
-    x = torch.as_tensor(field_ppm)
-    x = x.to(float_dtype(x))
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("field_ppm has non-finite values")
+    x = checked_field(field_ppm, mask)
     mask = torch.as_tensor(mask).bool()
-    if not bool(mask.any()):
-        raise ValueError("mask is empty: there is no voxel to reconstruct")
     lead = tuple(x.shape[:-3])
     vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
 

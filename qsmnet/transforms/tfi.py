@@ -51,6 +51,7 @@ from qsmnet.physics.operators import gradient_adjoint_into, gradient_into
 from qsmnet.transforms._grid import (
     Vec3,
     broadcast_mask,
+    checked_field,
     crop_box,
     float_dtype,
     map_samples,
@@ -236,15 +237,8 @@ def total_field_inversion(total_field_ppm: torch.Tensor, mask: torch.Tensor,
         Field (ppm) of the susceptibility outside the mask, in the mask (0 outside).
     """
     _check(lam, pb, eps, outer_iterations, cg_iterations)
-    x = torch.as_tensor(total_field_ppm)
-    x = x.detach().to(float_dtype(x))
-    if x.ndim < 3:
-        raise ValueError(f"total_field_ppm must be (..., X, Y, Z), got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("total_field_ppm has non-finite values")
+    x = checked_field(total_field_ppm, mask, "total_field_ppm")
     mask = torch.as_tensor(mask).bool()
-    if not bool(mask.any()):
-        raise ValueError("mask is empty: there is no voxel to reconstruct")
     lead = tuple(x.shape[:-3])
     vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
     b0s = per_sample_vectors(b0_dir, lead, "b0_dir")
