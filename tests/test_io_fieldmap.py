@@ -167,10 +167,12 @@ def test_hz_map_without_b0_is_refused(tmp_path, capsys):
 def test_nan_4d_and_other_grid_are_refused_naming_the_file(tmp_path, capsys):
     field, mask = _analytic()
     bad = field.copy()
-    bad[0, 0, 0] = np.nan
+    centre = tuple(n // 2 for n in field.shape)
+    assert mask[centre]
+    bad[centre] = np.nan
     line = _refused(capsys, _write_case(tmp_path / "nan", bad * 100, mask, b0_t=3.0),
                     tmp_path / "o1")
-    assert "field.nii.gz: 1 voxel(s) are NaN or infinite" in line
+    assert "field.nii.gz: 1 voxel(s) inside the mask are NaN or infinite" in line
     four_d = np.stack([field, field], axis=-1) * 100
     line = _refused(capsys, _write_case(tmp_path / "4d", four_d, mask, b0_t=3.0), tmp_path / "o2")
     assert "field.nii.gz: 4-D image (2 volumes)" in line
@@ -179,6 +181,17 @@ def test_nan_4d_and_other_grid_are_refused_naming_the_file(tmp_path, capsys):
     line = _refused(capsys, _write_case(tmp_path / "aff", field * 100, mask, b0_t=3.0,
                                         mask_affine=shifted), tmp_path / "o3")
     assert "mask.nii.gz: affine differs from field map (field.nii.gz)" in line
+
+
+def test_nan_outside_the_mask_reads_as_zero(tmp_path):
+    """Tools that write NaN outside the brain: those voxels are never read, they become 0."""
+    field, mask = _analytic()
+    holes = field.copy()
+    holes[mask == 0] = np.nan
+    holes[0, 0, 0] = -np.inf
+    fm = read_fieldmap(_write_case(tmp_path, holes, mask)["field"], tmp_path / "mask.nii.gz",
+                       "ppm")
+    np.testing.assert_array_equal(fm.total_field_ppm, np.where(mask == 0, 0.0, field))
 
 
 def test_hz_values_given_as_ppm_are_refused(tmp_path, capsys):

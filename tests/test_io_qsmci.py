@@ -71,6 +71,24 @@ def test_field_stages(tmp_path, write_qsmci_folder, stage, key, sample_key):
         inp.to_acquisition()
 
 
+@pytest.mark.parametrize("stage,key", [("bfr", "totalfield"), ("dipole", "localfield")])
+def test_field_stage_nan_outside_the_mask_reads_as_zero_inside_refused(
+        tmp_path, write_qsmci_folder, write_nifti, stage, key):
+    written = write_qsmci_folder(tmp_path, stage, te_s=(1.0,))
+    outside = written["mask"] == 0
+    holes = written[key].copy()
+    holes[outside] = np.nan
+    holes[0, 0, 0] = np.inf
+    write_nifti(tmp_path / f"{key}.nii.gz", holes)
+    field = getattr(read_qsmci_inputs(tmp_path, stage), f"{key}_ppm")
+    np.testing.assert_array_equal(field, np.where(outside, 0.0, written[key]).astype(np.float32))
+    holes[4, 4, 4] = np.nan  # inside the mask
+    write_nifti(tmp_path / f"{key}.nii.gz", holes)
+    with pytest.raises(QSMInputError, match=rf"{key}.nii.gz: 1 voxel\(s\) inside the mask are "
+                                            "NaN or infinite"):
+        read_qsmci_inputs(tmp_path, stage)
+
+
 def test_field_stage_params_without_te_and_b0(tmp_path, write_qsmci_folder):
     write_qsmci_folder(tmp_path, "dipole")
     (tmp_path / "params.json").write_text(json.dumps({"B0_dir": [0, 0, 1],

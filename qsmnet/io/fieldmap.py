@@ -29,7 +29,12 @@ from qsmnet.io.echoes import (
 )
 from qsmnet.io.errors import QSMInputError, display_name
 from qsmnet.io.nifti import load_nifti
-from qsmnet.io.validate import check_b0_t, check_min_extent, check_volume_3d
+from qsmnet.io.validate import (
+    check_b0_t,
+    check_finite_in_mask,
+    check_min_extent,
+    check_volume_3d,
+)
 from qsmnet.physics.geometry import Geometry
 from qsmnet.physics.units import GAMMA_BAR_MHZ_PER_T, hz_to_ppm
 
@@ -129,7 +134,8 @@ class FieldMapInput:
 
 def _load_field_volume(path: PathLike, min_extent: int) -> tuple[np.ndarray, np.ndarray, Any]:
     name = display_name(path)
-    data, affine, header = load_nifti(path)  # refuses NaN and infinite voxels, naming the file
+    # NaN outside the brain is allowed (check_finite_in_mask, once the mask is read)
+    data, affine, header = load_nifti(path, check_finite=False)
     if data.ndim == 4 and data.shape[3] > 1:
         raise QSMInputError(f"{name}: 4-D image ({data.shape[3]} volumes); a field map is one "
                             "3-D volume, already combined over echoes (multi-echo phase goes "
@@ -200,7 +206,7 @@ def read_fieldmap(fieldmap_path: PathLike, mask_path: PathLike, units: str = "hz
     volume, affine, header = _load_field_volume(fieldmap_path, min_extent)
     mask = load_mask(mask_path, volume.shape, affine, f"field map ({name_in_messages})",
                      mask_threshold, require_background)
-    field_ppm = volume.astype(np.float64)
+    field_ppm = check_finite_in_mask(volume, mask, name_in_messages).astype(np.float64)
     if units == "hz":
         field_ppm = hz_to_ppm(torch.from_numpy(field_ppm), b0).numpy()
     _check_plausible(field_ppm, mask, name_in_messages, units)

@@ -34,6 +34,7 @@ from qsmnet.io.errors import QSMInputError
 from qsmnet.io.nifti import load_nifti
 from qsmnet.io.params import read_params_json
 from qsmnet.io.validate import (
+    check_finite_in_mask,
     check_magnitude_decay,
     check_min_extent,
     check_same_grid,
@@ -165,7 +166,8 @@ def _require(in_dir: Path, filename: str, stage: str) -> Path:
 
 
 def _load_field(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
-    data, affine, header = load_nifti(path)
+    # NaN outside the brain is allowed (check_finite_in_mask, once the mask is read)
+    data, affine, header = load_nifti(path, check_finite=False)
     return check_volume_3d(data, path.name).astype(np.float32, copy=False), affine, header
 
 
@@ -246,6 +248,8 @@ def read_qsmci_inputs(in_dir: str | os.PathLike, stage: str, phase_sign: int = 1
     mask = load_mask(_require(d, "mask.nii.gz", stage), shape, affine, primary, mask_threshold,
                      require_background and stage in _BFR_STAGES,
                      "give a brain mask (0 outside the brain)")
+    if not uses_phase:
+        found[key] = check_finite_in_mask(found[key], mask, primary)
     if found.get("magnitude") is not None and decay_check:
         check_magnitude_decay(found["magnitude"], params.te_s, "magnitude.nii.gz", mask)
     voxel = _voxel_size(params, header, primary)

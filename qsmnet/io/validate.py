@@ -220,6 +220,20 @@ def check_mask(data: np.ndarray, name: str, threshold: float | None = None) -> n
     return mask
 
 
+def check_finite_in_mask(field: np.ndarray, mask: np.ndarray, name: str) -> np.ndarray:
+    """A field map with NaN or infinite voxels outside the brain mask (as many tools write
+    them) gets 0 there, where nothing reads it; one inside the mask is refused."""
+    finite = np.isfinite(field)
+    if finite.all():
+        return field
+    bad_inside = int(np.count_nonzero(~finite & mask))
+    if bad_inside:
+        raise QSMInputError(f"{name}: {bad_inside} voxel(s) inside the mask are NaN or infinite")
+    log.info("%s: %d NaN or infinite voxel(s) outside the mask set to 0", name,
+             int(np.count_nonzero(~finite)))
+    return np.where(finite, field, 0).astype(field.dtype, copy=False)
+
+
 def check_mask_has_background(mask: np.ndarray, name: str, hint: str) -> None:
     """Refuse a mask with no background voxel: background-field removal needs some outside."""
     if bool(np.all(mask)):
