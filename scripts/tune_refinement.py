@@ -34,7 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, nargs="+", default=[0, 5, 10, 20, 40])
     p.add_argument("--weights", type=float, nargs="+", default=[0.01, 0.05, 0.2])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--bfr", choices=("pdf", "vsharp", "resharp"),
+    from qsmnet.transforms.background import BFR_METHODS
+
+    p.add_argument("--bfr", choices=BFR_METHODS,
                    help="score on background-removed fields (the setting for input from phase)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
