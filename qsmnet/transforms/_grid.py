@@ -105,7 +105,7 @@ def checked_field(field_ppm: torch.Tensor, mask: torch.Tensor | None,
     finite = torch.isfinite(x)
     if not bool(finite[inside].all()):
         raise ValueError(f"{name} has non-finite values inside the mask")
-    return x if bool(finite.all()) else torch.where(finite, x, torch.zeros((), dtype=x.dtype))
+    return x if bool(finite.all()) else torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 # --------------------------------------------------------------------------------------------
