@@ -57,6 +57,7 @@ from qsmnet.transforms._grid import (
     map_samples,
     nonempty_box,
     per_sample_vectors,
+    prepare_weights,
     uncrop_box,
 )
 from qsmnet.transforms.base import Transform
@@ -242,9 +243,7 @@ def total_field_inversion(total_field_ppm: torch.Tensor, mask: torch.Tensor,
     lead = tuple(x.shape[:-3])
     vss = per_sample_vectors(voxel_size_mm, lead, "voxel_size_mm")
     b0s = per_sample_vectors(b0_dir, lead, "b0_dir")
-    w = mask.to(x.dtype) if weights is None else torch.as_tensor(weights).to(x.dtype)
-    if bool(torch.any(w < 0)) or not bool(torch.isfinite(w).all()):
-        raise ValueError("weights must be finite and non-negative")
+    w = mask.to(x.dtype) if weights is None else prepare_weights(weights, x)
     one = functools.partial(_tfi_single, lam=float(lam), pb=float(pb), eps=float(eps),
                             outer_iterations=int(outer_iterations),
                             cg_iterations=int(cg_iterations), cg_tol=float(cg_tol), pad=pad)
