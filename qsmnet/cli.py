@@ -40,6 +40,7 @@ from qsmnet.io.validate import check_b0_dir, check_b0_t, check_te_s
 from qsmnet.transforms.background import BFR_METHODS
 from qsmnet.transforms.field_support import DEFAULT_FIELD_MARGIN_MM
 from qsmnet.transforms.reliability import DEFAULT_MAX_PHASE_STEP_RAD
+from qsmnet.transforms.tfi import TFI_DEFAULTS
 
 __all__ = ["BUILTIN_METHODS", "DEVICES", "build_parser", "main"]
 
@@ -122,6 +123,11 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "total-field inversion, fits chi of the brain and of a band around it "
                         "to the total field and returns the field of the brain's part, on the "
                         "whole mask)")
+    p.add_argument("--tfi-iterations", type=int, nargs=2, default=None,
+                   metavar=("OUTER", "CG"),
+                   help="with --bfr tfi: TV reweighting steps, and conjugate-gradient "
+                        "iterations in each (time grows with their product; default: "
+                        f"{TFI_DEFAULTS['outer_iterations']} {TFI_DEFAULTS['cg_iterations']})")
 
 
 def _add_phase_sign(p: argparse.ArgumentParser, from_sidecar: bool = False) -> None:

@@ -147,6 +147,59 @@ def test_fieldmap_in_hz_reconstructs_as_the_total_field_start(tmp_path, acquisit
     assert "field_mapping" not in record["timings_s"]
 
 
+def _local_field_error(local_ppm: np.ndarray, acq) -> float:
+    """Relative RMS error (%) of a local field against the simulated one, both at mask mean 0."""
+    m = acq.mask.astype(bool)
+    est = local_ppm[m] - local_ppm[m].mean()
+    true = acq.local_field_ppm[m] - acq.local_field_ppm[m].mean()
+    return float(100 * np.linalg.norm(est - true) / np.linalg.norm(true))
+
+
+def test_tfi_iterations_reach_the_solver_and_are_recorded(tmp_path, acquisition):
+    """``--tfi-iterations OUTER CG``: the local field is the API's with that budget, a larger
+    budget is closer to the simulated local field, and the budget is in chimap.json."""
+    acq = acquisition
+    field_ppm = acq.total_field_ppm.astype(np.float32)
+    save_nifti(tmp_path / "field.nii.gz", field_ppm, acq.affine)
+    save_nifti(tmp_path / "mask.nii.gz", acq.mask.astype(np.uint8), acq.affine, dtype=np.uint8)
+    write_params_json(tmp_path / "params.json", acq.te_s, acq.b0_t, acq.b0_dir,
+                      acq.voxel_size_mm)
+    errors = {}
+    for budget in ((1, 4), (4, 40)):
+        out = tmp_path / f"out_{budget[0]}x{budget[1]}"
+        assert main(["predict", "--fieldmap", str(tmp_path / "field.nii.gz"), "--fieldmap-units",
+                     "ppm", "--params", str(tmp_path / "params.json"), "--mask",
+                     str(tmp_path / "mask.nii.gz"), "--out", str(out), "--method", "tkd",
+                     "--bfr", "tfi", "--tfi-iterations", *map(str, budget), "--device", "cpu",
+                     "--no-preview"]) == 0
+        local = nib.load(out / "localfield.nii.gz").get_fdata()
+        record = json.loads((out / "chimap.json").read_text())["parameters"]
+        assert record["bfr"] == "tfi"
+        assert record["bfr_params"] == {"outer_iterations": budget[0], "cg_iterations": budget[1]}
+        errors[budget] = _local_field_error(local, acq)
+    sample = {"total_field_ppm": field_ppm, "mask": acq.mask, "voxel_size_mm": acq.voxel_size_mm,
+              "b0_dir": acq.b0_dir, "b0_t": acq.b0_t}
+    ref = reconstruct(sample, ReconOptions(method="tkd", bfr="tfi", device="cpu", bfr_params={
+        "outer_iterations": 4, "cg_iterations": 40}), start="totalfield")
+    # same float32 inputs and steps on one thread: equal up to float32 storage of the output
+    np.testing.assert_allclose(local, ref.local_field_ppm.numpy(), rtol=0, atol=1e-6)
+    # 4 CG iterations leave most of the brain's field unexplained (about 90 % off); 4 x 40 halve
+    # that (what remains is the mask's edge, which this support without a CSF rim cannot pin)
+    assert errors[(4, 40)] < 0.6 * errors[(1, 4)], errors
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--tfi-iterations", "2", "10"], "--tfi-iterations: only used with --bfr tfi (not --bfr pdf)"),
+    (["--bfr", "tfi", "--tfi-iterations", "0", "10"], "--tfi-iterations: both counts must be >= 1"),
+])
+def test_tfi_iterations_misuse_is_refused(tmp_path, capsys, extra, pattern):
+    field, mask = _analytic()
+    paths = _write_case(tmp_path, field * 100, mask, b0_t=3.0)
+    assert _predict_fieldmap(paths, tmp_path / "out", *extra) == 2
+    assert pattern in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.nii.gz"))
+
+
 # --- refusals -----------------------------------------------------------------------------------
 
 def _refused(capsys, paths, out, *extra) -> str:

@@ -37,6 +37,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def _bfr_params_from_args(args) -> dict[str, Any]:
+    """``--tfi-iterations OUTER CG`` as TFI's keyword arguments (checked here, so that a bad
+    value stops the run before any subject is read)."""
+    iterations = getattr(args, "tfi_iterations", None)
+    if iterations is None:
+        return {}
+    if args.bfr != "tfi":
+        raise QSMInputError(f"--tfi-iterations: only used with --bfr tfi (not --bfr {args.bfr})")
+    outer, cg = (int(n) for n in iterations)
+    if outer < 1 or cg < 1:
+        raise QSMInputError(f"--tfi-iterations: both counts must be >= 1, got {outer} {cg}")
+    return {"outer_iterations": outer, "cg_iterations": cg}
+
+
 @dataclass(frozen=True)
 class ReconOptions:
     """The choices of one reconstruction run (the same for every subject of the run).
@@ -111,6 +125,7 @@ class ReconOptions:
     def from_args(cls, args) -> ReconOptions:
         """The options of a parsed ``predict`` / ``run-stage`` command line."""
         return cls(method=os.fspath(args.method), bfr=args.bfr, device=args.device,
+                   bfr_params=_bfr_params_from_args(args),
                    dc_iterations=args.dc_iterations, max_phase_step_rad=args.max_phase_step,
                    field_margin_mm=args.field_margin,
                    reference=getattr(args, "reference", DEFAULT_REFERENCE),

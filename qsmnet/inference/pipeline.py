@@ -334,6 +334,11 @@ def reconstruct(sample: Mapping[str, Any], options: ReconOptions | None = None,
     geometry = Geometry.of_sample(sample)
     timings: dict[str, float] = {}
     params: dict[str, Any] = {"start": start, "bfr": options.bfr, "device": str(device)}
+    # the method's settings (numbers), not per-call arrays such as weights
+    settings = {k: v for k, v in options.bfr_params.items()
+                if isinstance(v, (bool, int, float, str, tuple, list))}
+    if settings:
+        params["bfr_params"] = settings
     if inverter is None:
         inverter = options.make_inverter(after_bfr=start != "localfield")
     s = _working_sample(sample, geometry, start, device)
