@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qsmnet import __version__
-from qsmnet.inference.dipole import CLASSICAL_METHODS
+from qsmnet.inference.dipole import CLASSICAL_METHODS, TFI_METHOD
 from qsmnet.inference.reference import (
     CSF_EROSION_MM,
     CSF_R2STAR_MAX_PER_S,
@@ -46,7 +46,7 @@ __all__ = ["BUILTIN_METHODS", "DEVICES", "build_parser", "main"]
 
 PROG = "qsmnet"
 #: Reconstruction methods known by name; anything else given to --method must be a checkpoint.
-BUILTIN_METHODS = ("unet", *CLASSICAL_METHODS)
+BUILTIN_METHODS = ("unet", *CLASSICAL_METHODS, TFI_METHOD)
 DEVICES = ("cpu", "cuda", "auto")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -92,7 +92,8 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="unet", metavar=f"{{{','.join(BUILTIN_METHODS)}}}|CKPT",
                    help="reconstruction: the bundled network (unet), a classical baseline "
                         "(tkd, l2 = closed-form Tikhonov, tv = total variation with the data term on "
-                        "the brain mask) or the path of a "
+                        "the brain mask), tfi = the chi of the total-field inversion itself (with "
+                        "--bfr tfi) or the path of a "
                         "trained checkpoint (default: %(default)s)")
     p.add_argument("--dc-iterations", type=int, default=None, metavar="N",
                    help="test-time data-consistency iterations after the inversion (default: "

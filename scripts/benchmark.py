@@ -304,22 +304,12 @@ def _stage_metrics(base, acq) -> dict:
 
 
 def _tfi_own_chi(base, acq) -> dict:
-    """Score TFI's own chi on the inputs the pipeline gave ``--bfr tfi`` (same weights)."""
-    import torch
-
+    """Score TFI's own chi, ``--method tfi --bfr tfi`` (``base`` ran with that method)."""
     from qsmnet.metrics import score
-    from qsmnet.transforms.tfi import tfi_weights, total_field_inversion
 
-    t0 = time.perf_counter()
-    support = base.support_mask.bool()
-    reliable = None if base.unreliable_mask is None else ~base.unreliable_mask.bool()
-    w = tfi_weights(support, base.field_noise_ppm, reliable)
-    chi, _, _ = total_field_inversion(base.total_field_ppm, support, acq.voxel_size_mm,
-                                      tuple(acq.b0_dir), w)
-    brain = torch.from_numpy(acq.mask)
-    chi = (chi - chi[brain].mean()) * brain
-    m = score(chi.numpy(), acq.chi_ppm, acq.mask, acq.voxel_size_mm, erode_mm=None)["mask"]
-    m["seconds_inversion"] = time.perf_counter() - t0
+    m = score(base.chi_ppm.numpy(), acq.chi_ppm, acq.mask, acq.voxel_size_mm,
+              erode_mm=None)["mask"]
+    m["seconds_inversion"] = base.timings_s.get("background_removal")  # the same solve
     print(f"chi tfi own: NRMSE {m['nrmse']:.1f} %", flush=True)
     return m
 
@@ -338,6 +328,7 @@ def run_stages(seeds, scale, force=False, inversions=STAGE_INVERSIONS, phantom="
     """
     import torch
 
+    from qsmnet.inference.dipole import TFI_METHOD, TFIChi
     from qsmnet.inference.options import ReconOptions
     from qsmnet.inference.pipeline import invert_on_support, reconstruct
     from qsmnet.metrics import score
@@ -390,8 +381,12 @@ def run_stages(seeds, scale, force=False, inversions=STAGE_INVERSIONS, phantom="
                 if not todo and fkey in res["fields"]:
                     continue
                 t0 = time.perf_counter()
-                base = reconstruct(sample, ReconOptions(bfr=bfr), start="phase",
-                                   inverter=lambda f, *a: f, field_mapping=fm)
+                # from phase, TFI's own chi comes out of the same solve (--method tfi)
+                own = bfr == "tfi" and path_name == "phase"
+                base = reconstruct(sample, ReconOptions(bfr=bfr, method=TFI_METHOD if own
+                                                        else "unet"), start="phase",
+                                   inverter=TFIChi() if own else (lambda f, *a: f),
+                                   field_mapping=fm)
                 res["fields"][fkey] = {**_stage_metrics(base, acq),
                                        "seconds_field_mapping": measured.seconds,
                                        "seconds_bfr": base.timings_s.get("background_removal"),
@@ -407,7 +402,7 @@ def run_stages(seeds, scale, force=False, inversions=STAGE_INVERSIONS, phantom="
                     m["seconds_inversion"] = time.perf_counter() - t0
                     res["chi"][f"{fkey}/{name}"] = m
                     print(f"chi {fkey}/{name}: NRMSE {m['nrmse']:.1f} %", flush=True)
-                if bfr == "tfi" and path_name == "phase":
+                if own:
                     res["chi"][f"{fkey}/{TFI_OWN_CHI}"] = _tfi_own_chi(base, acq)
                 _save(path, res)
     return res

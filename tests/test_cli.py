@@ -262,3 +262,14 @@ def test_unavailable_handler_module(capsys, tmp_path, write_nifti, monkeypatch):
     assert main(["evaluate", *map(str, files)]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith("qsmnet: error: evaluate: cannot load qsmnet.metrics.evaluate")
+
+
+def test_method_tfi_on_a_local_field_is_refused(capsys, tmp_path, write_qsmci_folder):
+    """TFI's chi needs the total field: the dipole stage (a local field) refuses it, writing
+    nothing."""
+    write_qsmci_folder(tmp_path / "in", "dipole")
+    assert main(["run-stage", "dipole", str(tmp_path / "in"), str(tmp_path / "out"),
+                 "--method", "tfi", "--bfr", "tfi", "--device", "cpu"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--method tfi: chi comes from the total-field inversion" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.nii*"))

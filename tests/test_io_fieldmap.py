@@ -188,11 +188,53 @@ def test_tfi_iterations_reach_the_solver_and_are_recorded(tmp_path, acquisition)
     assert errors[(4, 40)] < 0.6 * errors[(1, 4)], errors
 
 
+def test_method_tfi_is_the_chi_of_the_total_field_inversion(tmp_path, acquisition):
+    """``--method tfi --bfr tfi``: chi is the one :func:`total_field_inversion` fits (same
+    weights, budget and mask), at its mean 0 on the brain; it is closer to the simulated chi
+    than l2 on TFI's local field (TFI's TV prior against l2's smoothing)."""
+    import torch
+
+    from qsmnet.transforms.tfi import total_field_inversion
+
+    acq = acquisition
+    field_ppm = acq.total_field_ppm.astype(np.float32)
+    save_nifti(tmp_path / "field.nii.gz", field_ppm, acq.affine)
+    save_nifti(tmp_path / "mask.nii.gz", acq.mask.astype(np.uint8), acq.affine, dtype=np.uint8)
+    write_params_json(tmp_path / "params.json", acq.te_s, acq.b0_t, acq.b0_dir,
+                      acq.voxel_size_mm)
+    chis = {}
+    for method in ("tfi", "l2"):
+        out = tmp_path / method
+        assert main(["predict", "--fieldmap", str(tmp_path / "field.nii.gz"), "--fieldmap-units",
+                     "ppm", "--params", str(tmp_path / "params.json"), "--mask",
+                     str(tmp_path / "mask.nii.gz"), "--out", str(out), "--method", method,
+                     "--bfr", "tfi", "--tfi-iterations", "4", "40", "--device", "cpu",
+                     "--no-preview"]) == 0
+        chis[method] = nib.load(out / "chimap.nii.gz").get_fdata()
+    assert json.loads((tmp_path / "tfi" / "chimap.json").read_text())["method"] == "tfi"
+    mask = torch.from_numpy(acq.mask.astype(bool))
+    chi, _, _ = total_field_inversion(torch.from_numpy(field_ppm), mask, acq.voxel_size_mm,
+                                      tuple(acq.b0_dir), outer_iterations=4, cg_iterations=40)
+    # same float32 solve on one thread; chi is stored as float32 (about 1e-7 ppm steps)
+    np.testing.assert_allclose(chis["tfi"], chi.numpy() * acq.mask, rtol=0, atol=1e-6)
+    m = acq.mask.astype(bool)
+    assert abs(chis["tfi"][m].mean()) < 1e-6
+
+    def nrmse(x):
+        truth = acq.chi_ppm[m] - acq.chi_ppm[m].mean()
+        return np.linalg.norm(x[m] - x[m].mean() - truth) / np.linalg.norm(truth)
+
+    assert nrmse(chis["tfi"]) < nrmse(chis["l2"]), (nrmse(chis["tfi"]), nrmse(chis["l2"]))
+
+
 @pytest.mark.parametrize("extra,pattern", [
     (["--tfi-iterations", "2", "10"], "--tfi-iterations: only used with --bfr tfi (not --bfr pdf)"),
     (["--bfr", "tfi", "--tfi-iterations", "0", "10"], "--tfi-iterations: both counts must be >= 1"),
+    (["--method", "tfi"], "--method tfi: needs --bfr tfi"),
+    (["--method", "tfi", "--bfr", "tfi", "--dc-iterations", "5"],
+     "--dc-iterations: not used with --method tfi"),
 ])
-def test_tfi_iterations_misuse_is_refused(tmp_path, capsys, extra, pattern):
+def test_tfi_options_misuse_is_refused(tmp_path, capsys, extra, pattern):
     field, mask = _analytic()
     paths = _write_case(tmp_path, field * 100, mask, b0_t=3.0)
     assert _predict_fieldmap(paths, tmp_path / "out", *extra) == 2

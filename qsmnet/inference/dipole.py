@@ -4,7 +4,9 @@
 ``inverter(local_field_ppm, mask, voxel_size_mm, b0_dir) -> chi_ppm`` on ``(X, Y, Z)`` tensors,
 for ``tkd``, ``l2``, ``tv`` (the classical baselines; ``tv`` with the data term on the brain
 mask, :func:`~qsmnet.transforms.inversion.tv_brain_data`), ``unet`` (the shipped network) or a
-path to a trained model (``.pt`` release file or ``.ckpt`` checkpoint).
+path to a trained model (``.pt`` release file or ``.ckpt`` checkpoint). ``tfi`` is the chi
+of the total-field inversion itself (:class:`TFIChi`): it needs the total field, so it only runs
+with background removal ``tfi``, whose solve gives that chi.
 
 The network path crops to the mask's bounding box plus a margin, pads to the U-Net divisor, runs
 the network (which sees the sample's own B0 direction and voxel size through its kernel-aware
@@ -107,6 +109,32 @@ class NetworkInverter:
         return plan.restore(chi[0, 0]).to(local_field_ppm.device)
 
 
+#: the method whose chi is the total-field inversion's own (``--method tfi`` with ``--bfr tfi``)
+TFI_METHOD = "tfi"
+
+
+@dataclass
+class TFIChi:
+    """``--method tfi``: chi is the one the total-field inversion fits in background removal
+    (:func:`qsmnet.transforms.tfi.total_field_inversion`), not an inversion of its local field.
+
+    The pipeline reads that chi from the sample (key :attr:`chi_key`) instead of calling this;
+    called on a local field alone, it refuses: TFI needs the total field.
+    """
+
+    name: str = TFI_METHOD
+    chi_key: str = "tfi_chi_ppm"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"chi": "total-field inversion (the settings of background removal tfi)"}
+
+    def __call__(self, local_field_ppm, mask, voxel_size_mm, b0_dir) -> torch.Tensor:
+        raise QSMInputError("--method tfi: chi comes from the total-field inversion of the total "
+                            "field (--bfr tfi, from phase or a total field map), not from a local "
+                            "field")
+
+
 #: prior weight of the data-consistency refinement after a classical inversion (the shipped
 #: network's, so that ``--method tv --dc-iterations 40`` is the network-free twin of ``unet``)
 CLASSICAL_REFINE_WEIGHT = 0.002
@@ -166,13 +194,18 @@ def make_inverter(method: str | os.PathLike = "unet", device: str | torch.device
     if refine_iterations is not None and refine_iterations < 0:
         raise QSMInputError(f"the number of data-consistency iterations must be >= 0, got "
                             f"{refine_iterations}")
+    if method == TFI_METHOD:
+        if refine_iterations:
+            raise QSMInputError("--dc-iterations: not used with --method tfi (its chi fits the "
+                                "total field already)")
+        return TFIChi()
     if method in CLASSICAL_METHODS:
         fn = CLASSICAL_FUNCTIONS[method]
         weight = float(params.pop("refine_weight", CLASSICAL_REFINE_WEIGHT))
         return ClassicalInverter(method, fn, params, int(refine_iterations or 0), weight)
     if method != "unet" and not method.endswith((".pt", ".ckpt")):
-        raise QSMInputError(f"unknown method {method!r}: use unet, tkd, l2, tv or a model file "
-                            "(.pt / .ckpt)")
+        raise QSMInputError(f"unknown method {method!r}: use unet, tkd, l2, tv, tfi or a model "
+                            "file (.pt / .ckpt)")
     net, meta = load_network(method, device)
     if refine_iterations is None:
         key = ("refine_iterations_after_bfr"

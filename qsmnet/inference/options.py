@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qsmnet.inference.dipole import make_inverter
+from qsmnet.inference.dipole import TFI_METHOD, make_inverter
 from qsmnet.inference.reference import DEFAULT_REFERENCE, check_reference
 from qsmnet.io.errors import QSMInputError
 from qsmnet.transforms.background import BFR_METHODS
@@ -112,6 +112,9 @@ class ReconOptions:
         if self.bfr not in BFR_METHODS:
             raise QSMInputError(f"unknown background-removal method {self.bfr!r}: use "
                                 f"{', '.join(BFR_METHODS)}")
+        if self.method == TFI_METHOD and self.bfr != "tfi":
+            raise QSMInputError(f"--method tfi: needs --bfr tfi (its chi comes out of the "
+                                f"total-field inversion), not --bfr {self.bfr}")
         if self.field_margin_mm is not None and not self.field_margin_mm >= 0:
             raise QSMInputError(f"the field margin must be >= 0 mm, got {self.field_margin_mm}")
         if self.max_phase_step_rad is not None and not self.max_phase_step_rad >= 0:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from qsmnet.inference.dipole import TFI_METHOD, TFIChi
 from qsmnet.inference.options import ReconOptions
 from qsmnet.inference.reference import apply_reference, csf_mask
 from qsmnet.io.errors import QSMInputError
@@ -226,9 +227,13 @@ def _background_steps(s: Sample, options: ReconOptions, start: str, ref_index: i
     if options.bfr == "tfi" and start == "phase":
         # TFI weighs the data by the inverse of the field's noise (field mapping's estimate)
         keys["field_noise_ppm"] = "field_noise_ppm"
+    outputs = ["inversion_field_ppm", "inversion_mask"]
+    if options.method == TFI_METHOD:
+        # TFI's own chi is the result: keep it from the same solve
+        bfr_params["return_chi"] = True
+        outputs.append(TFIChi.chi_key)
     steps.append(("background_removal", DictTransform(
-        make_bfr_transform(options.bfr, bfr_params), keys,
-        ["inversion_field_ppm", "inversion_mask"])))
+        make_bfr_transform(options.bfr, bfr_params), keys, outputs)))
     if check_unreliable:
         steps.append(("background_removal", _fill_unreliable))
     steps.append(("background_removal", _check_bfr_kept_brain(options.bfr)))
@@ -238,7 +243,10 @@ def _background_steps(s: Sample, options: ReconOptions, start: str, ref_index: i
 def _inversion_step(inverter: Callable, reference: str, params: dict[str, Any]) -> Step:
     def step(s: Sample) -> Sample:
         info: dict[str, Any] = {}
-        chi, chi_mask = invert_on_support(inverter, s["inversion_field_ppm"], s["inversion_mask"],
+        key = getattr(inverter, "chi_key", None)
+        # chi computed upstream (--method tfi: the total-field inversion's own)
+        invert = (lambda *_: s[key]) if key is not None and key in s else inverter
+        chi, chi_mask = invert_on_support(invert, s["inversion_field_ppm"], s["inversion_mask"],
                                           s["mask"], s["voxel_size_mm"], s["b0_dir"], reference,
                                           s.get("reference_mask"), info)
         params["reference"] = info

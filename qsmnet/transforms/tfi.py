@@ -262,7 +262,8 @@ class TFIBackground(Transform):
     all of the noise and field-mapping error, which is of the order of the brain's own field
     (the "Total-field inversion" notes of ``docs/benchmarks.md``).
 
-    Dict keys: total_field_ppm, mask, voxel_size_mm, b0_dir -> local_field_ppm, mask.
+    Dict keys: total_field_ppm, mask, voxel_size_mm, b0_dir -> local_field_ppm, mask; with
+    ``return_chi``, also chi_ppm (TFI's own chi on the mask, zero mean there).
     """
 
     input_keys = {"field_ppm": "total_field_ppm", "mask": "mask",
@@ -273,10 +274,14 @@ class TFIBackground(Transform):
                  eps: float = TFI_DEFAULTS["eps"],
                  outer_iterations: int = TFI_DEFAULTS["outer_iterations"],
                  cg_iterations: int = TFI_DEFAULTS["cg_iterations"],
-                 cg_tol: float = TFI_DEFAULTS["cg_tol"], pad: int = TFI_DEFAULTS["pad"]) -> None:
+                 cg_tol: float = TFI_DEFAULTS["cg_tol"], pad: int = TFI_DEFAULTS["pad"],
+                 return_chi: bool = False) -> None:
         _check(lam, pb, eps, outer_iterations, cg_iterations)
         self.params = {"lam": lam, "pb": pb, "eps": eps, "outer_iterations": outer_iterations,
                        "cg_iterations": cg_iterations, "cg_tol": cg_tol, "pad": pad}
+        self.return_chi = bool(return_chi)
+        if self.return_chi:
+            self.output_keys = (*type(self).output_keys, "chi_ppm")
 
     def __call__(self, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
                  weights=None, field_noise_ppm=None):
@@ -290,9 +295,9 @@ class TFIBackground(Transform):
         else:
             raise ValueError("TFIBackground: noise and reliability weights need one (X, Y, Z) "
                              "subject at a time")
-        _, local, _ = total_field_inversion(field_ppm, mask, voxel_size_mm, b0_dir, w,
-                                            **self.params)
-        return local, mask
+        chi, local, _ = total_field_inversion(field_ppm, mask, voxel_size_mm, b0_dir, w,
+                                              **self.params)
+        return (local, mask, chi) if self.return_chi else (local, mask)
 
     def __repr__(self) -> str:
         return "TFIBackground(" + ", ".join(f"{k}={v:g}" for k, v in self.params.items()) + ")"
