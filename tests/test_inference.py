@@ -383,3 +383,78 @@ def test_end_to_end_maps_the_field_on_the_rim_and_reports_chi_on_the_brain(tmp_p
     assert main(["run-stage", "end-to-end", str(tmp_path / "in"), str(tmp_path / "neg"),
                  "--method", "tkd", "--field-margin", "-1"]) == 2
     assert not (tmp_path / "neg" / "chimap.nii.gz").exists()
+
+
+def test_magnitude_prior_from_echoes_is_the_mean_echo_time_magnitude():
+    """For mono-exponential decay the geometric mean over echoes is M0 exp(-R2* mean TE), the
+    image the training samples carry (the simulator's magnitude_image)."""
+    from qsmnet.models.inputs import magnitude_prior_from_echoes
+    from qsmnet.simulation.simulator import magnitude_image
+
+    g = torch.Generator().manual_seed(0)
+    m0 = torch.rand(6, 5, 4, generator=g) + 0.2
+    r2s = torch.rand(6, 5, 4, generator=g) * 60.0
+    te = (0.004, 0.011, 0.019, 0.030)
+    echoes = torch.stack([m0 * torch.exp(-r2s * t) for t in te])
+    torch.testing.assert_close(magnitude_prior_from_echoes(echoes), magnitude_image(m0, r2s, te),
+                               rtol=1e-5, atol=0.0)
+    # one echo is its own prior; no signal stays finite (about 0)
+    torch.testing.assert_close(magnitude_prior_from_echoes(echoes[0]), echoes[0])
+    echoes[:, 0, 0, 0] = 0.0
+    assert torch.isfinite(magnitude_prior_from_echoes(echoes)).all()
+
+
+def test_predict_feeds_the_magnitude_to_a_model_with_a_magnitude_channel(tmp_path, acquisition,
+                                                                         capsys):
+    """A network widened with a zero-weight magnitude channel (``init_from``) gives the source
+    network's chi from phase (the magnitude reaches it: non-zero weights move chi); from a local
+    field, with no magnitude, it is refused in one line and nothing is written."""
+    from types import SimpleNamespace
+
+    from qsmnet.training.train import init_weights
+
+    acq = acquisition
+    base = {"channels": ["local_field", "l2", "mask"], "residual_from": "l2",
+            "unet": {"features": [4, 8]}, "pad": 4}
+    source = QSMNet(**base)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for value in source.parameters():
+            value.copy_(torch.randn(value.shape, generator=g) * 0.3)
+    models = {"source": save_release(source, tmp_path / "source.pt")}
+    widened = QSMNet(**{**base, "channels": ["local_field", "l2", "magnitude", "mask"]})
+    init_weights(SimpleNamespace(net=widened), str(models["source"]))
+    models["widened"] = save_release(widened, tmp_path / "widened.pt")
+    with torch.no_grad():
+        next(v for v in widened.parameters() if v.dim() == 5)[:, 2] = 0.5
+    models["moved"] = save_release(widened, tmp_path / "moved.pt")
+
+    phase, mag = [], []
+    for e in range(len(acq.te_s)):
+        phase.append(tmp_path / f"ph{e}.nii.gz")
+        mag.append(tmp_path / f"mag{e}.nii.gz")
+        save_nifti(phase[-1], acq.phase[e], acq.affine)
+        save_nifti(mag[-1], acq.magnitude[e], acq.affine)
+    save_nifti(tmp_path / "mask.nii.gz", acq.mask.astype(np.uint8), acq.affine, dtype=np.uint8)
+    common = ["--te", *map(str, acq.te_s), "--b0", str(acq.b0_t), "--mask",
+              str(tmp_path / "mask.nii.gz"), "--device", "cpu", "--no-preview"]
+    chis = {}
+    for name, path in models.items():
+        out = tmp_path / name
+        assert main(["predict", "--phase", *map(str, phase), "--magnitude", *map(str, mag),
+                     *common, "--method", str(path), "--out", str(out)]) == 0
+        chis[name] = nib.load(out / "chimap.nii.gz").get_fdata()
+    m = acq.mask.astype(bool)
+    scale = np.abs(chis["source"][m]).max()
+    assert scale > 0.01
+    # the same network function; only the first convolution's reduction order differs
+    np.testing.assert_allclose(chis["widened"], chis["source"], rtol=0, atol=1e-4 * scale)
+    assert np.abs(chis["moved"] - chis["source"])[m].max() > 0.05 * scale
+    capsys.readouterr()
+
+    write_stage_folder(tmp_path / "stage", acq, "dipole")
+    assert main(["run-stage", "dipole", str(tmp_path / "stage"), str(tmp_path / "stage_out"),
+                 "--method", str(models["widened"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "start from phase" in err[0], err
+    assert not (tmp_path / "stage_out" / "chimap.nii.gz").exists()

@@ -155,23 +155,33 @@ def _local_field_error(local_ppm: np.ndarray, acq) -> float:
     return float(100 * np.linalg.norm(est - true) / np.linalg.norm(true))
 
 
+def _write_total_field(folder: Path, acq) -> np.ndarray:
+    """The simulated total field (ppm), mask and params.json in ``folder``; returns the field."""
+    field_ppm = acq.total_field_ppm.astype(np.float32)
+    save_nifti(folder / "field.nii.gz", field_ppm, acq.affine)
+    save_nifti(folder / "mask.nii.gz", acq.mask.astype(np.uint8), acq.affine, dtype=np.uint8)
+    write_params_json(folder / "params.json", acq.te_s, acq.b0_t, acq.b0_dir, acq.voxel_size_mm)
+    return field_ppm
+
+
+def _predict_total_field(folder: Path, out: Path, method: str, budget) -> list[str]:
+    """``qsmnet predict`` argv: the files of :func:`_write_total_field`, ``--bfr tfi`` with the
+    ``(outer, cg)`` budget."""
+    return ["predict", "--fieldmap", str(folder / "field.nii.gz"), "--fieldmap-units", "ppm",
+            "--params", str(folder / "params.json"), "--mask", str(folder / "mask.nii.gz"),
+            "--out", str(out), "--method", method, "--bfr", "tfi", "--tfi-iterations",
+            *map(str, budget), "--device", "cpu", "--no-preview"]
+
+
 def test_tfi_iterations_reach_the_solver_and_are_recorded(tmp_path, acquisition):
     """``--tfi-iterations OUTER CG``: the local field is the API's with that budget, a larger
     budget is closer to the simulated local field, and the budget is in chimap.json."""
     acq = acquisition
-    field_ppm = acq.total_field_ppm.astype(np.float32)
-    save_nifti(tmp_path / "field.nii.gz", field_ppm, acq.affine)
-    save_nifti(tmp_path / "mask.nii.gz", acq.mask.astype(np.uint8), acq.affine, dtype=np.uint8)
-    write_params_json(tmp_path / "params.json", acq.te_s, acq.b0_t, acq.b0_dir,
-                      acq.voxel_size_mm)
+    field_ppm = _write_total_field(tmp_path, acq)
     errors = {}
     for budget in ((1, 4), (4, 40)):
         out = tmp_path / f"out_{budget[0]}x{budget[1]}"
-        assert main(["predict", "--fieldmap", str(tmp_path / "field.nii.gz"), "--fieldmap-units",
-                     "ppm", "--params", str(tmp_path / "params.json"), "--mask",
-                     str(tmp_path / "mask.nii.gz"), "--out", str(out), "--method", "tkd",
-                     "--bfr", "tfi", "--tfi-iterations", *map(str, budget), "--device", "cpu",
-                     "--no-preview"]) == 0
+        assert main(_predict_total_field(tmp_path, out, "tkd", budget)) == 0
         local = nib.load(out / "localfield.nii.gz").get_fdata()
         record = json.loads((out / "chimap.json").read_text())["parameters"]
         assert record["bfr"] == "tfi"
@@ -197,19 +207,11 @@ def test_method_tfi_is_the_chi_of_the_total_field_inversion(tmp_path, acquisitio
     from qsmnet.transforms.tfi import total_field_inversion
 
     acq = acquisition
-    field_ppm = acq.total_field_ppm.astype(np.float32)
-    save_nifti(tmp_path / "field.nii.gz", field_ppm, acq.affine)
-    save_nifti(tmp_path / "mask.nii.gz", acq.mask.astype(np.uint8), acq.affine, dtype=np.uint8)
-    write_params_json(tmp_path / "params.json", acq.te_s, acq.b0_t, acq.b0_dir,
-                      acq.voxel_size_mm)
+    field_ppm = _write_total_field(tmp_path, acq)
     chis = {}
     for method in ("tfi", "l2"):
         out = tmp_path / method
-        assert main(["predict", "--fieldmap", str(tmp_path / "field.nii.gz"), "--fieldmap-units",
-                     "ppm", "--params", str(tmp_path / "params.json"), "--mask",
-                     str(tmp_path / "mask.nii.gz"), "--out", str(out), "--method", method,
-                     "--bfr", "tfi", "--tfi-iterations", "4", "40", "--device", "cpu",
-                     "--no-preview"]) == 0
+        assert main(_predict_total_field(tmp_path, out, method, (4, 40))) == 0
         chis[method] = nib.load(out / "chimap.nii.gz").get_fdata()
     assert json.loads((tmp_path / "tfi" / "chimap.json").read_text())["method"] == "tfi"
     mask = torch.from_numpy(acq.mask.astype(bool))

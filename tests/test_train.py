@@ -361,6 +361,46 @@ def test_init_from_copies_weights_and_refuses_another_architecture(tmp_path):
     assert _ckpt(tmp_path / "d" / "checkpoints" / "last.ckpt")["global_step"] == 1
 
 
+def test_init_from_adds_input_channels_at_zero_weight(tmp_path):
+    """A magnitude channel added to a trained network: the widened network computes the source's
+    chi for any magnitude (its kernels are zero), and the magnitude does reach it (non-zero
+    kernels change chi), so the equality is not vacuous."""
+    from types import SimpleNamespace
+
+    from qsmnet.inference.model_store import save_release
+    from qsmnet.training.train import init_weights
+
+    base = {"channels": ["local_field", "l2", "mask"], "residual_from": "l2",
+            "unet": {"features": [4, 8]}}
+    source = QSMNet(**base)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a trained-looking network: the zero-initialised output layer off
+        for value in source.parameters():
+            value.copy_(torch.randn(value.shape, generator=g) * 0.3)
+    path = save_release(source, tmp_path / "source.pt")
+    widened = QSMNet(**{**base, "channels": ["local_field", "l2", "magnitude", "mask"]})
+    init_weights(SimpleNamespace(net=widened), str(path))
+
+    field = torch.randn(1, 1, 16, 16, 16, generator=g) * 0.05
+    mask = torch.ones_like(field)
+    magnitude = torch.rand(1, 1, 16, 16, 16, generator=g) + 0.5
+    geometry = ((1.0, 1.0, 1.0), (0.0, 0.0, 1.0))
+    with torch.no_grad():
+        want = source(field, mask, *geometry)
+        have, _ = widened.predict(field, mask, *geometry, provided={"magnitude": magnitude})
+        assert want.abs().max() > 0.01
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+        first = next(v for k, v in widened.named_parameters() if v.dim() == 5)
+        assert first.shape[1] == 4 and torch.count_nonzero(first[:, 2]) == 0
+        first[:, 2] = 0.3
+        moved, _ = widened.predict(field, mask, *geometry, provided={"magnitude": magnitude})
+    assert (moved - want).abs().max() > 1e-3
+    # removing or reordering the source's channels is still a different architecture
+    for channels in (["local_field", "mask"], ["l2", "local_field", "magnitude", "mask"]):
+        with pytest.raises(ValueError, match="different architecture.*model.channels"):
+            init_weights(SimpleNamespace(net=QSMNet(**{**base, "channels": channels})), str(path))
+
+
 def test_physics_loss_uses_the_true_local_field_when_the_input_is_background_removed(tmp_path):
     import hydra
 

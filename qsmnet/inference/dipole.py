@@ -91,9 +91,25 @@ class NetworkInverter:
                 "model": self.metadata.get("name", self.metadata.get("source", "")),
                 "model_config": self.net.get_config()}
 
+    @property
+    def needs_magnitude(self) -> bool:
+        """Whether the network takes the magnitude as an input channel (``magnitude``)."""
+        return "magnitude" in self.net.get_config()["channels"]
+
+    def require_magnitude(self, magnitude: Any) -> None:
+        """Refuse a missing magnitude when the network needs it (one message, naming the model)."""
+        if self.needs_magnitude and magnitude is None:
+            name = self.params["model"]
+            raise QSMInputError(f"the model{' ' + str(name) if name else ''} takes the magnitude "
+                                "as an input channel: start from phase and give the multi-echo "
+                                "magnitude (--magnitude, or the BIDS / QSM-CI magnitude images)")
+
     @torch.no_grad()
     def __call__(self, local_field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size_mm,
-                 b0_dir) -> torch.Tensor:
+                 b0_dir, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+        """chi (ppm) on the field's ``(X, Y, Z)`` grid. ``magnitude`` ``(X, Y, Z)`` (any scale;
+        :func:`~qsmnet.models.inputs.magnitude_prior_from_echoes` of the multi-echo magnitude)
+        is required by, and only used by, a network with a ``magnitude`` input channel."""
         device = next(self.net.parameters()).device
         f = local_field_ppm.to(device=device, dtype=torch.float32)
         m = mask.to(device=device, dtype=torch.bool)
@@ -102,7 +118,15 @@ class NetworkInverter:
         mc = plan.apply(m.to(torch.float32))[None, None]
         vs = torch.as_tensor(voxel_size_mm, dtype=torch.float64).reshape(3)
         b0 = torch.as_tensor(b0_dir, dtype=torch.float64).reshape(3)
-        chi = self.net(fc, mc, vs, b0)
+        provided = None
+        if self.needs_magnitude:
+            self.require_magnitude(magnitude)
+            if tuple(magnitude.shape) != tuple(f.shape):
+                raise QSMInputError(f"the magnitude prior has shape {tuple(magnitude.shape)}, "
+                                    f"the field {tuple(f.shape)}")
+            mag = magnitude.to(device=device, dtype=torch.float32)
+            provided = {"magnitude": plan.apply(mag)[None, None]}
+        chi, _ = self.net.predict(fc, mc, vs, b0, provided=provided)
         if self.refine_iterations > 0:
             chi = dc_refine(chi, fc, mc, vs, b0, self.refine_weight, self.refine_iterations)
         chi = reference_to_mask_mean(chi, mc)

@@ -15,6 +15,7 @@ field mapping and background removal run on), ``unreliable_mask``, ``bfr_weights
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from qsmnet.inference.dipole import TFI_METHOD, TFIChi
 from qsmnet.inference.options import ReconOptions
 from qsmnet.inference.reference import apply_reference, csf_mask
 from qsmnet.io.errors import QSMInputError
+from qsmnet.models.inputs import magnitude_prior_from_echoes
 from qsmnet.physics.geometry import Geometry
 from qsmnet.transforms.background import make_bfr_transform
 from qsmnet.transforms.base import DictTransform, Sample
@@ -246,6 +248,10 @@ def _inversion_step(inverter: Callable, reference: str, params: dict[str, Any]) 
         key = getattr(inverter, "chi_key", None)
         # chi computed upstream (--method tfi: the total-field inversion's own)
         invert = (lambda *_: s[key]) if key is not None and key in s else inverter
+        if getattr(inverter, "needs_magnitude", False):
+            inverter.require_magnitude(s.get("magnitude"))
+            prior = magnitude_prior_from_echoes(s["magnitude"])
+            invert = functools.partial(inverter, magnitude=prior)
         chi, chi_mask = invert_on_support(invert, s["inversion_field_ppm"], s["inversion_mask"],
                                           s["mask"], s["voxel_size_mm"], s["b0_dir"], reference,
                                           s.get("reference_mask"), info)
@@ -278,6 +284,8 @@ def reconstruction_steps(sample: Sample, options: ReconOptions, start: str, inve
                          ) -> list[tuple[str, Step]]:
     """The chain of named steps :func:`reconstruct` runs from ``start`` (in order; the name is
     the stage a step's time is counted under)."""
+    if getattr(inverter, "needs_magnitude", False):  # refused before minutes of field mapping
+        inverter.require_magnitude(sample.get("magnitude") if start == "phase" else None)
     steps: list[tuple[str, Step]] = []
     ref_index = None
     if start == "phase":

@@ -57,6 +57,32 @@ def normalized_magnitude(magnitude: torch.Tensor, mask: torch.Tensor) -> torch.T
     return m / mean.clamp_min(1e-12)
 
 
+def magnitude_prior_from_echoes(magnitude: torch.Tensor) -> torch.Tensor:
+    """The ``magnitude`` channel's image from a measured multi-echo magnitude.
+
+    The geometric mean over echoes, ``exp(mean_e log |m_e|)``: for mono-exponential decay
+    ``m_e = M0 exp(-R2* TE_e)`` it is exactly ``M0 exp(-R2* mean(TE))``, the image the training
+    samples carry (:func:`qsmnet.simulation.simulator.magnitude_image`), whatever the echo
+    times. Voxels with no signal (magnitude 0) are floored at 1e-6 of the largest value, so the
+    result stays finite and is about 0 there.
+
+    Parameters
+    ----------
+    magnitude : (E, X, Y, Z) tensor (any scale), or (X, Y, Z) for one echo.
+
+    Returns
+    -------
+    (X, Y, Z) float32 tensor.
+    """
+    m = magnitude.to(torch.float32).abs()
+    if m.dim() == 3:
+        m = m[None]
+    if m.dim() != 4:
+        raise ValueError(f"magnitude must be (E, X, Y, Z) or (X, Y, Z), got {tuple(magnitude.shape)}")
+    floor = (m.amax() * 1e-6).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.exp(torch.log(m.clamp_min(floor)).mean(dim=0))
+
+
 def classical_estimate(name: str, field: torch.Tensor, mask: torch.Tensor, voxel_size_mm,
                        b0_dir, *, l2_alpha: float = 0.02, tkd_threshold: float = 0.15,
                        tv_lam: float = DEFAULT_TV_LAMBDA_WEIGHTED, tv_iterations: int = 100,

@@ -106,10 +106,49 @@ def check_resume_config(ckpt_path: str, module: Any) -> None:
                      f"Resume with the run's own overrides (see .hydra/overrides.yaml in its folder).")
 
 
+def _added_channels(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str] | None:
+    """The input channels ``current`` adds to ``saved`` when that is the only difference (the
+    saved channels kept, in their order), else None."""
+    if {k for k in set(saved) | set(current) if saved.get(k) != current.get(k)} != {"channels"}:
+        return None
+    old, new = list(saved["channels"]), list(current["channels"])
+    kept = [c for c in new if c in old]
+    if kept != old or len(new) == len(old):
+        return None
+    return [c for c in new if c not in old]
+
+
+def _widened_state(source: Any, target: Any, old: list[str], new: list[str]) -> dict[str, Any]:
+    """``source``'s weights for ``target``, whose input has the channels ``new`` (a superset of
+    ``old``): the first convolution's kernels of the added channels are zero, so the widened
+    network computes exactly the source's function whatever the new inputs hold, and training
+    starts from it."""
+    import torch
+
+    have, want = source.state_dict(), target.state_dict()
+    state = {}
+    for name, value in have.items():
+        shape = tuple(want[name].shape)
+        if tuple(value.shape) == shape:
+            state[name] = value
+            continue
+        if value.dim() < 2 or value.shape[1] != len(old) or shape[1] != len(new) \
+                or tuple(value.shape[:1]) + tuple(value.shape[2:]) != shape[:1] + shape[2:]:
+            raise QSMInputError(f"cannot widen {name}: {tuple(value.shape)} -> {shape}")
+        widened = torch.zeros(shape, dtype=value.dtype)
+        for i, c in enumerate(old):
+            widened[:, new.index(c)] = value[:, i]
+        state[name] = widened
+    return state
+
+
 def init_weights(module: Any, spec: str) -> None:
     """Start from trained weights (fine-tuning): ``spec`` is ``"unet"`` (the shipped model), a
-    release ``.pt`` or a training ``.ckpt``. The architecture must be the configured one; the
-    optimiser, step count and data stream start afresh (unlike ``ckpt_path``, which resumes)."""
+    release ``.pt`` or a training ``.ckpt``. The architecture must be the configured one, except
+    that the configured network may take more input channels (``model.channels``, the source's
+    kept in order, for example ``magnitude`` added): their first-layer weights start at zero, so
+    the fine-tune starts from the source's function. The optimiser, step count and data stream
+    start afresh (unlike ``ckpt_path``, which resumes)."""
     from qsmnet.inference.model_store import load_network
 
     source, _ = load_network(spec)
@@ -117,13 +156,20 @@ def init_weights(module: Any, spec: str) -> None:
     if not hasattr(net, "get_config"):
         raise QSMInputError(f"init_from={spec!r}: the configured network is not a QSMNet")
     saved, current = source.get_config(), net.get_config()
-    if saved != current:
+    if saved == current:
+        net.load_state_dict(source.state_dict())
+        log.info("initialised the network from %s", spec)
+        return
+    added = _added_channels(saved, current)
+    if added is None:
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         details = "; ".join(f"model.{k}: {spec} {saved.get(k)!r}, config {current.get(k)!r}"
                             for k in diff)
         raise QSMInputError(f"init_from={spec!r} has a different architecture ({details})")
-    net.load_state_dict(source.state_dict())
-    log.info("initialised the network from %s", spec)
+    net.load_state_dict(_widened_state(source, net, list(saved["channels"]),
+                                       list(current["channels"])))
+    log.info("initialised the network from %s; new input channels %s start at zero weight",
+             spec, added)
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
