@@ -94,7 +94,7 @@ class NetworkInverter:
     @property
     def needs_magnitude(self) -> bool:
         """Whether the network takes the magnitude as an input channel (``magnitude``)."""
-        return "magnitude" in self.net.get_config()["channels"]
+        return "magnitude" in self.net.inputs.channels
 
     def require_magnitude(self, magnitude: Any) -> None:
         """Refuse a missing magnitude when the network needs it (one message, naming the model)."""

@@ -248,8 +248,7 @@ def _inversion_step(inverter: Callable, reference: str, params: dict[str, Any]) 
         key = getattr(inverter, "chi_key", None)
         # chi computed upstream (--method tfi: the total-field inversion's own)
         invert = (lambda *_: s[key]) if key is not None and key in s else inverter
-        if getattr(inverter, "needs_magnitude", False):
-            inverter.require_magnitude(s.get("magnitude"))
+        if getattr(inverter, "needs_magnitude", False):  # present: reconstruction_steps checked
             prior = magnitude_prior_from_echoes(s["magnitude"])
             invert = functools.partial(inverter, magnitude=prior)
         chi, chi_mask = invert_on_support(invert, s["inversion_field_ppm"], s["inversion_mask"],

@@ -100,16 +100,26 @@ def check_resume_config(ckpt_path: str, module: Any) -> None:
     current = net.get_config()
     if saved is None or saved == current:
         return
-    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    details = "; ".join(f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}" for k in diff)
+    _, details = _config_diff(saved, current, "checkpoint")
     raise QSMInputError(f"cannot resume {ckpt_path}: it was trained with a different model ({details}). "
                      f"Resume with the run's own overrides (see .hydra/overrides.yaml in its folder).")
 
 
-def _added_channels(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str] | None:
-    """The input channels ``current`` adds to ``saved`` when that is the only difference (the
-    saved channels kept, in their order), else None."""
-    if {k for k in set(saved) | set(current) if saved.get(k) != current.get(k)} != {"channels"}:
+def _config_diff(saved: Mapping[str, Any], current: Mapping[str, Any], source: str
+                 ) -> tuple[list[str], str]:
+    """The model config keys that differ (sorted) and one line naming them with both values
+    (``source`` labels the saved side)."""
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    details = "; ".join(f"model.{k}: {source} {saved.get(k)!r}, config {current.get(k)!r}"
+                        for k in keys)
+    return keys, details
+
+
+def _added_channels(saved: Mapping[str, Any], current: Mapping[str, Any],
+                    differing: list[str]) -> list[str] | None:
+    """The input channels ``current`` adds to ``saved`` when that is the only difference
+    (``differing`` is ``["channels"]``; the saved channels kept, in their order), else None."""
+    if differing != ["channels"]:
         return None
     old, new = list(saved["channels"]), list(current["channels"])
     kept = [c for c in new if c in old]
@@ -160,11 +170,9 @@ def init_weights(module: Any, spec: str) -> None:
         net.load_state_dict(source.state_dict())
         log.info("initialised the network from %s", spec)
         return
-    added = _added_channels(saved, current)
+    differing, details = _config_diff(saved, current, spec)
+    added = _added_channels(saved, current, differing)
     if added is None:
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        details = "; ".join(f"model.{k}: {spec} {saved.get(k)!r}, config {current.get(k)!r}"
-                            for k in diff)
         raise QSMInputError(f"init_from={spec!r} has a different architecture ({details})")
     net.load_state_dict(_widened_state(source, net, list(saved["channels"]),
                                        list(current["channels"])))
