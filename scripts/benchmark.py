@@ -45,12 +45,16 @@ Usage::
     PNGs under ``docs/figures/``: slices of truth, unet, TV and their errors for one case, and
     NRMSE against the B0 tilt angle (qsm-forward local fields of the head phantom, 0-90 deg).
 
-Results are cached per case in the JSON files; ``--force`` recomputes.
+Results are cached per case in the JSON files; ``--force`` recomputes. Each file names the
+shipped model its network rows were measured with (``"model"``: name and SHA-256 of the
+release file); when the shipped model changes, those rows (``MODEL_ROWS``) are dropped and
+measured again on the next run of the section, and the classical rows are kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -73,6 +77,9 @@ INVERSIONS = ("tkd", "l2", "tv", "tv_masked", "tv_masked+dc", "unet-nodc", "unet
 #: of ``unet``: brain-masked TV followed by the same test-time data consistency
 CLASSICAL = ("tkd", "l2", "tv", "tv_masked", "tv_masked+dc")
 FIGURES = ROOT / "docs" / "figures"
+#: rows that depend on the shipped model: the network's, and ``tv_masked+dc``, whose refinement
+#: setting is the model's recommendation
+MODEL_ROWS = ("unet", "unet-nodc", "unet+dc", "tv_masked+dc")
 ABLATION_EXPERIMENTS = ("baseline", "no_dc", "dc_only", "field_only_input", "small_unet",
                         "l2_residual", "tv_residual")
 #: the project's own simulated test set: seeds disjoint from training (per-step seeds from the
@@ -92,6 +99,31 @@ def _save(path: Path, obj: dict) -> None:
     from qsmnet.io.atomic import atomic_write_json
 
     atomic_write_json(path, obj)
+
+
+def shipped_model_id() -> dict | None:
+    """The shipped release's name and SHA-256 (None when it is missing)."""
+    from qsmnet.inference.model_store import SHIPPED_MODEL
+
+    if not SHIPPED_MODEL.is_file():
+        return None
+    side = SHIPPED_MODEL.with_suffix(".json")
+    meta = json.loads(side.read_text()).get("metadata", {}) if side.is_file() else {}
+    return {"name": meta.get("name"),
+            "sha256": hashlib.sha256(SHIPPED_MODEL.read_bytes()).hexdigest()}
+
+
+def drop_stale_model_rows(res: dict, tables: tuple[str, ...]) -> dict:
+    """Drop the cached ``MODEL_ROWS`` of ``res[table]`` (keys ``.../<method>``) when they were
+    measured with another shipped model than the installed one, and record the installed one."""
+    now = shipped_model_id()
+    if res.get("model") != now:
+        for table in tables:
+            rows = res.get(table, {})
+            for key in [k for k in rows if k.rsplit("/", 1)[-1] in MODEL_ROWS]:
+                del rows[key]
+    res["model"] = now
+    return res
 
 
 def _machine() -> dict:
@@ -178,7 +210,7 @@ def run_accuracy(seeds, scale, force=False, end_to_end=True, inversions=INVERSIO
     from qsmnet.transforms.reliability import DEFAULT_MAX_PHASE_STEP_RAD
 
     path = RESULTS / "accuracy.json"
-    res = {} if force else _load(path)
+    res = drop_stale_model_rows({} if force else _load(path), ("dipole", "end_to_end", "simulated"))
     res.setdefault("dipole", {})
     res.setdefault("end_to_end", {})
     res["machine"] = _machine()
@@ -339,7 +371,7 @@ def run_stages(seeds, scale, force=False, inversions=STAGE_INVERSIONS, phantom="
     )
 
     path = RESULTS / "stages.json"
-    res = {} if force else _load(path)
+    res = drop_stale_model_rows({} if force else _load(path), ("dipole", "chi"))
     for key in ("dipole", "fields", "chi"):
         res.setdefault(key, {})
     res["machine"] = _machine()
@@ -543,7 +575,7 @@ def run_figures(force: bool = False) -> dict:
                       acq.voxel_size_mm, scores=nrmse,
                       title=f"{name}: dipole stage, true local field (qsm-forward)")
     path = RESULTS / "tilt.json"
-    res = {} if force else _load(path)
+    res = drop_stale_model_rows({} if force else _load(path), ("runs",))
     res.setdefault("runs", {})
     todo = [t for t in TILTS_DEG if any(f"{t:g}/{n}" not in res["runs"] for n in methods)]
     for tilt, b0, lf, chi_true, m in _tilt_cases(todo):
@@ -828,15 +860,34 @@ def _brain_mask_lines(bm: dict) -> list[str]:
                           "scalp leak max", "sinus leak max", "s"]), ""]
 
 
+def _model_lines() -> list[str]:
+    """Which shipped model the network rows of each section were measured with."""
+    ids = {name: _load(RESULTS / f"{name}.json").get("model", "not recorded")
+           for name in ("accuracy", "stages", "tilt") if (RESULTS / f"{name}.json").is_file()}
+    if not ids:
+        return []
+
+    def text(mid):
+        return (f"`{mid['name']}` (SHA-256 `{mid['sha256'][:12]}`)" if isinstance(mid, dict)
+                else str(mid))
+
+    if len({json.dumps(v, sort_keys=True) for v in ids.values()}) == 1:
+        return [f"Network rows measured with the shipped model: {text(next(iter(ids.values())))}.",
+                ""]
+    return ["Network rows measured with the shipped model, by section: " + "; ".join(f"{k}: {text(v)}" for k, v in ids.items())
+            + ".", ""]
+
+
 def render() -> Path:
     """Rebuild docs/benchmarks.md from docs/results/*.json."""
     lines = ["# Benchmarks", "",
-             "Generated by `python scripts/benchmark.py` (sections `accuracy`, `speed`, `ablation`, "
-             "`figures`; "
+             "Generated by `python scripts/benchmark.py` (sections `accuracy`, `stages`, `speed`, "
+             "`ablation`, `figures`; "
              "`render` rebuilds this page). Raw numbers: `docs/results/*.json`. "
              "Metrics are the QSM-CI scorer's (`qsm_ci.qsm_eval`), inside the brain mask; NRMSE, "
              "detrended NRMSE (dNRMSE) and HFEN in %, lower is better; XSIM and correlation (CC), "
              "higher is better.", ""]
+    lines += _model_lines()
     acc = _load(RESULTS / "accuracy.json")
     if acc.get("dipole"):
         lines += ["## Dipole inversion, true local field given", "",

@@ -7,9 +7,10 @@
 
 Writes ``<out>`` (float16 weights, config, metadata), ``<out>.json`` (config + metadata) and
 ``MODEL_CARD.md`` beside it: the training config, the steps, the data, the validation metrics
-stored in the checkpoint, and the command that reproduces the run (the run's Hydra overrides,
-with paths inside the repository written relative to it and paths outside it left out, so the
-card holds no machine's directories).
+stored in the checkpoint, and the commands that reproduce the run: one per training run in its
+lineage (a fine-tune lists the runs it started from, oldest first; see
+``qsmnet.training.provenance``), with paths inside the repository written relative to it and
+paths outside it left out, so the card holds no machine's directories.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from qsmnet.inference.model_store import read_checkpoint, save_release
 from qsmnet.io.atomic import atomic_write_text
 from qsmnet.io.errors import QSMInputError
 from qsmnet.models import QSMNet
+from qsmnet.training.provenance import LINEAGE_KEY, commands, run_lineage
 
 
-ROOT = Path(__file__).resolve().parents[1]
 
 _ESTIMATE_NAMES = {"tkd": "a TKD estimate", "l2": "a closed-form L2 estimate",
                    "tv": "a TV-ADMM estimate (data term on the brain mask)"}
@@ -43,25 +44,36 @@ def _residual_text(net) -> str:
     return f"; the U-Net learns the correction to the {base.upper()} estimate" if base else ""
 
 
-def portable_overrides(overrides, root: Path = ROOT) -> list[str]:
-    """The run's overrides as a command anyone can run from the repository root.
+def _data_text(data: dict) -> str:
+    text = ("qsmnet's on-the-fly simulator (`configs/data/simulated.yaml`: random shapes, vessels, "
+            "textures, strong sources, brain-like masks, B0 tilt up to 60 deg, voxels 0.6-2 mm, "
+            "noise from SNR 20-300)")
+    fraction = float(data.get("anatomical_fraction") or 0.0)
+    if fraction > 0:
+        lo, hi = data.get("anatomical", {}).get("voxel_size_range_mm", ["?", "?"])
+        text += (f"; in the last run {fraction:.0%} of the samples came from the anatomical "
+                 f"phantom generator (`qsmnet.simulation`, a real brain parcellation, voxels "
+                 f"{lo}-{hi} mm)")
+    return text
 
-    A value that is an absolute path inside ``root`` is made relative to it; an override whose
-    value is an absolute path elsewhere (a scratch directory of the training machine) is left
-    out, so the run falls back to that setting's default.
-    """
-    out = []
-    for item in overrides:
-        key, sep, value = str(item).partition("=")
-        if sep and value.startswith("/"):
-            path = Path(value)
-            try:
-                value = path.resolve().relative_to(root.resolve()).as_posix() or "."
-            except ValueError:
-                continue
-            item = f"{key}={value}"
-        out.append(item)
-    return out
+
+def _training_text(lineage: list[dict]) -> str:
+    """The card's training and reproduction lines: one command per run, oldest first."""
+    steps = [s.get("global_step") for s in lineage]
+    total = sum(steps) if None not in steps else None
+    cmds = commands(lineage)
+    if len(lineage) == 1:
+        return (f"{lineage[0]['global_step']} optimiser steps, seed {lineage[0]['seed']}",
+                f"`{cmds[0]}`")
+    runs = "; ".join(f"{s.get('global_step')} (seed {s.get('seed')})" for s in lineage)
+    lines = [f"{len(lineage)} runs, each started from the previous one's weights "
+             "(`init_from=`, which names the previous result: `unet` is the release shipped at "
+             "the time)"]
+    for i, (s, cmd) in enumerate(zip(lineage, cmds), 1):
+        label = f" -> `{s['name']}`" if s.get("name") else ""
+        lines.append(f"  {i}. `{cmd}` ({s.get('global_step')} steps{label})")
+    return (f"{total if total is not None else 'unknown'} optimiser steps in all: {runs}",
+            "\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -90,6 +102,14 @@ def main(argv=None) -> int:
     overrides_path = run_dir / ".hydra" / "overrides.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else []
+    try:
+        lineage = ([dict(x) for x in ckpt[LINEAGE_KEY]] if ckpt.get(LINEAGE_KEY)
+                   else run_lineage(run_dir, ckpt.get("global_step")))
+    except QSMInputError as exc:  # the init_from source of an old run is gone
+        print(f"export_model.py: error: {a.ckpt.name}: its training lineage cannot be read: "
+              f"{' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    lineage[-1]["name"] = a.name
     val = {k: float(v) for k, v in ckpt.get("qsmnet_val_metrics", {}).items()}
     for cb_key, cb in ckpt.get("callbacks", {}).items():
         if "ModelCheckpoint" in cb_key and cb.get("best_model_score") is not None:
@@ -100,10 +120,10 @@ def main(argv=None) -> int:
                                             is None else a.refine_iterations_after_bfr),
             "refine_weight": a.refine_weight, "validation": val, "train_overrides": overrides,
             "data": cfg.get("data", {}), "loss": cfg.get("loss", {}), "optim": cfg.get("optim", {}),
-            "seed": cfg.get("seed"), "notes": a.notes,
+            "seed": cfg.get("seed"), "lineage": lineage, "notes": a.notes,
             "parameters": sum(p.numel() for p in net.parameters())}
     save_release(net, a.out, meta, half=True)
-    cmd = " ".join(["python scripts/train.py", *portable_overrides(overrides)])
+    training, reproduce = _training_text(lineage)
     card = f"""# Model card: {a.name}
 
 - **File**: `{a.out.name}` ({a.out.stat().st_size / 1e6:.1f} MB, float16 weights; loaded by
@@ -112,16 +132,14 @@ def main(argv=None) -> int:
   voxel size (the network input includes {_estimates_text(net)} computed with the acquisition's
   own dipole kernel{_residual_text(net)}).
 - **Architecture**: `QSMNet` {json.dumps(net.get_config())}; {meta['parameters']:,} parameters.
-- **Training**: {meta['global_step']} optimiser steps, seed {meta['seed']}, on qsmnet's on-the-fly
-  simulator (`configs/data/simulated.yaml`: random shapes, vessels, textures, strong sources,
-  brain-like masks, B0 tilt up to 60 deg, voxels 0.6-2 mm, noise from SNR 20-300).
-- **Reproduce**: `{cmd}`
+- **Training**: {training}, on {_data_text(meta['data'])}.
+- **Reproduce**: {reproduce}
 - **Validation** (fixed simulated validation set, stored in the checkpoint): {json.dumps(val)}
 - **Recommended test-time data consistency**: {a.refine_iterations} CG iterations, weight
   {a.refine_weight} (`qsmnet.inference.dipole.dc_refine`) on a given local field (dipole
   stage); {meta['refine_iterations_after_bfr']} on a local field from background removal (input
   from phase or total field: `predict`, `run-stage end-to-end`).
-- **Accuracy on qsm-forward head phantoms**: see `docs/benchmarks.md`.
+- **Accuracy** on the head-like and anatomical phantoms (qsm-forward): see `docs/benchmarks.md`.
 - **Notes**: {a.notes}
 """
     atomic_write_text(a.out.parent / "MODEL_CARD.md", card)

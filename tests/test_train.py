@@ -361,6 +361,55 @@ def test_init_from_copies_weights_and_refuses_another_architecture(tmp_path):
     assert _ckpt(tmp_path / "d" / "checkpoints" / "last.ckpt")["global_step"] == 1
 
 
+def test_a_fine_tune_records_every_training_run_behind_it(tmp_path):
+    """A run started with init_from carries its source's runs: seeds, step counts and commands,
+    through a resume, a checkpoint without the record (rebuilt from the runs' .hydra
+    directories) and an export, whose card lists one command per run."""
+    from qsmnet.training.provenance import LINEAGE_KEY, PREVIOUS, commands, lineage_of
+
+    run = {name: tmp_path / name for name in ("a", "b")}
+    res = _script("~logger", "seed=7", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                  f"paths.output_dir={run['a']}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    source = run["a"] / "checkpoints" / "last.ckpt"
+    res = _script("~logger", "seed=8", "trainer.max_steps=1", "trainer.val_check_interval=1",
+                  f"init_from={source}", f"paths.output_dir={run['b']}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = run["b"] / "checkpoints" / "last.ckpt"
+    lineage = _ckpt(last)[LINEAGE_KEY]
+    assert [(s["seed"], s["global_step"]) for s in lineage] == [(7, 2), (8, 1)]
+    assert "seed=7" in lineage[0]["overrides"] and "init_from" not in str(lineage[0]["overrides"])
+    # the scratch path of the source is not in the record, but the fine-tune is still one
+    assert f"init_from={PREVIOUS}" in lineage[1]["overrides"]
+    assert not any(str(tmp_path) in o for s in lineage for o in s["overrides"])
+
+    # resuming continues the same run: still two runs, the second now at step 2
+    res = _script("~logger", "seed=8", "trainer.max_steps=2", "trainer.val_check_interval=1",
+                  f"init_from={source}", f"ckpt_path={last}", f"paths.output_dir={run['b']}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = _ckpt(last)[LINEAGE_KEY]
+    assert [(s["seed"], s["global_step"]) for s in resumed] == [(7, 2), (8, 2)]
+    assert not any("ckpt_path" in o for o in resumed[1]["overrides"])
+
+    # a checkpoint written without the record: rebuilt from the .hydra directories
+    bare = _ckpt(last)
+    del bare[LINEAGE_KEY]
+    torch.save(bare, run["b"] / "checkpoints" / "bare.ckpt")
+    assert lineage_of(run["b"] / "checkpoints" / "bare.ckpt") == resumed
+
+    out = tmp_path / "release" / "model.pt"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_model.py"), str(last),
+                          "--out", str(out), "--name", "tiny-ft"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    released = lineage_of(out)
+    assert released[:-1] == resumed[:-1] and released[-1] == {**resumed[-1], "name": "tiny-ft"}
+    card = (out.parent / "MODEL_CARD.md").read_text()
+    assert "4 optimiser steps in all" in card
+    for i, cmd in enumerate(commands(released), 1):
+        assert f"  {i}. `{cmd}`" in card
+
+
 def test_init_from_adds_input_channels_at_zero_weight(tmp_path):
     """A magnitude channel added to a trained network: the widened network computes the source's
     chi for any magnitude (its kernels are zero), and the magnitude does reach it (non-zero

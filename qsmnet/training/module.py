@@ -31,6 +31,7 @@ from torch import nn
 from qsmnet.losses import QSMLoss
 from qsmnet.models.inputs import ESTIMATE_PARAMS, PRECOMPUTED_PREFIX, classical_estimate
 from qsmnet.models.qsm_net import CHECKPOINT_CONFIG_KEY
+from qsmnet.training.provenance import LINEAGE_KEY, stage
 from qsmnet.training.metrics import volume_metrics
 from qsmnet.transforms.inversion import DEFAULT_INVERSION_PAD, tkd
 
@@ -92,6 +93,10 @@ class QSMLitModule(L.LightningModule):
         self.scheduler_factory = scheduler
         #: global step of the last completed validation (-1: none yet)
         self.last_validated_step = -1
+        #: the lineage of the weights this run started from (``init_from``; see
+        #: :mod:`qsmnet.training.provenance`) and this run's own stage, without its step count
+        self.lineage_parents: list[dict[str, Any]] = []
+        self.run_stage: dict[str, Any] = stage(None, None)
 
     def on_fit_start(self) -> None:
         """Refuse precomputed estimates made with other parameters than the network's own."""
@@ -207,6 +212,13 @@ class QSMLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if hasattr(self.net, "get_config"):
             checkpoint[CHECKPOINT_CONFIG_KEY] = self.net.get_config()
+        checkpoint[LINEAGE_KEY] = [*self.lineage_parents,
+                                   {**self.run_stage, "global_step": int(self.global_step)}]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming continues the same stage: keep the sources it was started from.
+        if checkpoint.get(LINEAGE_KEY):
+            self.lineage_parents = [dict(s) for s in checkpoint[LINEAGE_KEY][:-1]]
 
 
 def _center_of_mass(mask: np.ndarray) -> tuple[int, int, int]:

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qsmnet.io.errors import QSMInputError
+from qsmnet.training.provenance import lineage_of, run_overrides, stage
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +159,14 @@ def init_weights(module: Any, spec: str) -> None:
     that the configured network may take more input channels (``model.channels``, the source's
     kept in order, for example ``magnitude`` added): their first-layer weights start at zero, so
     the fine-tune starts from the source's function. The optimiser, step count and data stream
-    start afresh (unlike ``ckpt_path``, which resumes)."""
+    start afresh (unlike ``ckpt_path``, which resumes). The source's lineage is kept, so the
+    run's checkpoints name every training run behind them
+    (:mod:`qsmnet.training.provenance`)."""
     from qsmnet.inference.model_store import load_network
 
     source, _ = load_network(spec)
+    if hasattr(module, "lineage_parents"):
+        module.lineage_parents = lineage_of(spec)
     net = getattr(module, "net", None)
     if not hasattr(net, "get_config"):
         raise QSMInputError(f"init_from={spec!r}: the configured network is not a QSMNet")
@@ -214,6 +219,8 @@ def train(cfg: DictConfig) -> float | None:
     parts = build(cfg)
     trainer: L.Trainer = parts["trainer"]
     module = parts["module"]
+    if hasattr(module, "run_stage"):
+        module.run_stage = stage(run_overrides(), cfg.get("seed"))
     if trainer.is_global_zero:
         for lg in parts["loggers"]:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
