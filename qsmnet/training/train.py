@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qsmnet.io.errors import QSMInputError
-from qsmnet.training.provenance import lineage_of, run_overrides, stage
+from qsmnet.training.provenance import lineage_of, release_lineage, run_overrides, stage
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +164,11 @@ def init_weights(module: Any, spec: str) -> None:
     (:mod:`qsmnet.training.provenance`)."""
     from qsmnet.inference.model_store import load_network
 
-    source, _ = load_network(spec)
+    source, meta = load_network(spec)
     if hasattr(module, "lineage_parents"):
-        module.lineage_parents = lineage_of(spec)
+        # a release's metadata holds its lineage; a checkpoint's needs the checkpoint dict
+        module.lineage_parents = (lineage_of(spec) if str(spec).endswith(".ckpt")
+                                  else release_lineage(meta))
     net = getattr(module, "net", None)
     if not hasattr(net, "get_config"):
         raise QSMInputError(f"init_from={spec!r}: the configured network is not a QSMNet")
