@@ -27,6 +27,7 @@ from qsmnet.io.atomic import atomic_write_text
 from qsmnet.io.errors import QSMInputError
 from qsmnet.models import QSMNet
 from qsmnet.training.provenance import LINEAGE_KEY, commands, run_lineage
+from qsmnet.training.validation import validate_checkpoint
 
 
 
@@ -55,6 +56,13 @@ def _data_text(data: dict) -> str:
                  f"phantom generator (`qsmnet.simulation`, a real brain parcellation, voxels "
                  f"{lo}-{hi} mm)")
     return text
+
+
+def _validation_text(val: dict[str, float]) -> str:
+    """``NRMSE 21.69 %, ...`` from :func:`validate_checkpoint`'s ``{"val/nrmse": ...}``."""
+    names = {"val/nrmse": "NRMSE", "val/nrmse_detrended": "detrended NRMSE", "val/hfen": "HFEN"}
+    return ", ".join(f"XSIM {v:.3f}" if k == "val/xsim" else f"{names.get(k, k)} {v:.2f} %"
+                     for k, v in val.items())
 
 
 def _training_text(lineage: list[dict]) -> str:
@@ -110,10 +118,13 @@ def main(argv=None) -> int:
               f"{' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     lineage[-1]["name"] = a.name
-    val = {k: float(v) for k, v in ckpt.get("qsmnet_val_metrics", {}).items()}
-    for cb_key, cb in ckpt.get("callbacks", {}).items():
-        if "ModelCheckpoint" in cb_key and cb.get("best_model_score") is not None:
-            val.setdefault("val/nrmse (best)", float(cb["best_model_score"]))
+    # Measured on these weights: the checkpoint's own "best" score may belong to other weights
+    # (a periodic checkpoint is written before the validation of its step).
+    try:
+        val = validate_checkpoint(ckpt, net)
+    except QSMInputError as exc:
+        print(f"export_model.py: error: {a.ckpt.name}: {exc}", file=sys.stderr)
+        return 2
     meta = {"name": a.name, "global_step": int(ckpt.get("global_step", 0)),
             "epoch": int(ckpt.get("epoch", 0)), "refine_iterations": a.refine_iterations,
             "refine_iterations_after_bfr": (a.refine_iterations if a.refine_iterations_after_bfr
@@ -134,7 +145,7 @@ def main(argv=None) -> int:
 - **Architecture**: `QSMNet` {json.dumps(net.get_config())}; {meta['parameters']:,} parameters.
 - **Training**: {training}, on {_data_text(meta['data'])}.
 - **Reproduce**: {reproduce}
-- **Validation** (fixed simulated validation set, stored in the checkpoint): {json.dumps(val)}
+- **Validation** (these weights on the training run's fixed simulated validation set, rebuilt from the checkpoint): {_validation_text(val)}
 - **Recommended test-time data consistency**: {a.refine_iterations} CG iterations, weight
   {a.refine_weight} (`qsmnet.inference.dipole.dc_refine`) on a given local field (dipole
   stage); {meta['refine_iterations_after_bfr']} on a local field from background removal (input

@@ -406,6 +406,12 @@ def test_a_fine_tune_records_every_training_run_behind_it(tmp_path):
     assert released[:-1] == resumed[:-1] and released[-1] == {**resumed[-1], "name": "tiny-ft"}
     card = (out.parent / "MODEL_CARD.md").read_text()
     assert "4 optimiser steps in all" in card
+    # the release's validation score is its own weights' score: the one the run logged at its
+    # last step (a separate simulation and inference of the same samples)
+    logged = json.loads((run["b"] / "metrics.json").read_text())["last"]["val/nrmse"]
+    meta = json.loads(out.with_suffix(".json").read_text())["metadata"]
+    assert meta["validation"]["val/nrmse"] == pytest.approx(logged, rel=1e-4)
+    assert f"NRMSE {logged:.2f} %" in card
     for i, cmd in enumerate(commands(released), 1):
         assert f"  {i}. `{cmd}`" in card
 

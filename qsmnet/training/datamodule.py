@@ -418,7 +418,8 @@ class SimulatedQSMDataModule(L.LightningDataModule):
         self.save_hyperparameters({
             "patch_size": list(self.patch_shape), "batch_size": self.batch_size,
             "num_workers": self.num_workers, "seed": self.seed, "val_seed": self.val_seed,
-            "val_size": self.val_size, "steps_per_epoch": self.steps_per_epoch,
+            "val_size": self.val_size, "val_patch_size": list(self.val_patch_shape),
+            "steps_per_epoch": self.steps_per_epoch,
             "device": str(self.device), "sim_threads": sim_threads,
             "simulator": self.simulator_config.to_dict(),
             "estimates": list(self.estimates), "estimate_params": self.estimate_params,
