@@ -42,8 +42,10 @@ def validate_network(net: nn.Module, datamodule_hparams: Mapping[str, Any],
     ``{"val/nrmse": ..., ...}``: the means over the validation samples, as the training run logs
     them (demeaned NRMSE and HFEN in %, inside each sample's mask).
     """
-    params = {k: v for k, v in dict(datamodule_hparams).items() if k != "num_workers"}
-    dm = SimulatedQSMDataModule(**params, num_workers=0)
+    # simulated on the CPU, where the network is, whatever device the run simulated on
+    params = {k: v for k, v in dict(datamodule_hparams).items()
+              if k not in ("num_workers", "device")}
+    dm = SimulatedQSMDataModule(**params, num_workers=0, device="cpu")
     rows: dict[str, list[float]] = {}
     for sample in dm.validation_samples():
         batch = {k: v.unsqueeze(0) for k, v in sample.items()}
