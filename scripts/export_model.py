@@ -26,7 +26,7 @@ from qsmnet.inference.model_store import read_checkpoint, save_release
 from qsmnet.io.atomic import atomic_write_text
 from qsmnet.io.errors import QSMInputError
 from qsmnet.models import QSMNet
-from qsmnet.training.provenance import LINEAGE_KEY, commands, run_lineage
+from qsmnet.training.provenance import checkpoint_lineage, commands
 from qsmnet.training.validation import validate_checkpoint
 
 
@@ -111,8 +111,7 @@ def main(argv=None) -> int:
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else []
     try:
-        lineage = ([dict(x) for x in ckpt[LINEAGE_KEY]] if ckpt.get(LINEAGE_KEY)
-                   else run_lineage(run_dir, ckpt.get("global_step")))
+        lineage = checkpoint_lineage(ckpt, a.ckpt)
     except QSMInputError as exc:  # the init_from source of an old run is gone
         print(f"export_model.py: error: {a.ckpt.name}: its training lineage cannot be read: "
               f"{' '.join(str(exc).split())}", file=sys.stderr)

@@ -19,7 +19,7 @@ stored in every checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,14 @@ ESTIMATE_PARAMS = {"tkd": ("tkd_threshold", "pad"), "l2": ("l2_alpha", "pad"),
 PRECOMPUTED_PREFIX = "estimate_"
 #: batch key of the magnitude prior of the ``magnitude`` channel (``provided["magnitude"]``)
 MAGNITUDE_KEY = PRECOMPUTED_PREFIX + "magnitude"
+
+
+def precomputed(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The estimates a batch carries (``estimate_tv`` -> ``"tv"``), as ``QSMNet.predict``'s
+    ``provided``; None when it carries none."""
+    out = {k[len(PRECOMPUTED_PREFIX):]: v for k, v in batch.items()
+           if k.startswith(PRECOMPUTED_PREFIX)}
+    return out or None
 
 
 def normalized_magnitude(magnitude: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

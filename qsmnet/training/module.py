@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from qsmnet.losses import QSMLoss
-from qsmnet.models.inputs import ESTIMATE_PARAMS, PRECOMPUTED_PREFIX, classical_estimate
+from qsmnet.models.inputs import ESTIMATE_PARAMS, classical_estimate, precomputed
 from qsmnet.models.qsm_net import CHECKPOINT_CONFIG_KEY
 from qsmnet.training.provenance import LINEAGE_KEY, stage
 from qsmnet.training.metrics import volume_metrics
@@ -128,10 +128,8 @@ class QSMLitModule(L.LightningModule):
     def _step(self, batch, stage: str, extra_estimates=()):
         chi, field, mask, vs, b0 = self._unpack(batch)
         if hasattr(self.net, "predict"):
-            provided = {k[len(PRECOMPUTED_PREFIX):]: v for k, v in batch.items()
-                        if k.startswith(PRECOMPUTED_PREFIX)}
             pred, estimates = self.net.predict(field, mask, vs, b0, extra_estimates=extra_estimates,
-                                               provided=provided or None)
+                                               provided=precomputed(batch))
         else:
             pred, estimates = self.net(field, mask, vs, b0), {}
         # With data.bfr the network sees a background-removed field; the physics term is taken

@@ -117,6 +117,14 @@ def run_lineage(run_dir: Path, global_step: int | None) -> list[dict[str, Any]]:
     return [*lineage_of(_resolve(source)), own] if source else [own]
 
 
+def checkpoint_lineage(ckpt: dict[str, Any], path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The lineage of a training checkpoint already read from ``path`` (its record, or rebuilt
+    from the run's ``.hydra`` directory, ``path/../..``, when it has none)."""
+    if ckpt.get(LINEAGE_KEY):
+        return [dict(s) for s in ckpt[LINEAGE_KEY]]
+    return run_lineage(Path(path).resolve().parents[1], ckpt.get("global_step"))
+
+
 def lineage_of(spec: str | os.PathLike) -> list[dict[str, Any]]:
     """The lineage of ``"unet"`` (the shipped model), a release ``.pt`` or a training ``.ckpt``.
 
@@ -126,10 +134,7 @@ def lineage_of(spec: str | os.PathLike) -> list[dict[str, Any]]:
 
     path = SHIPPED_MODEL if str(spec) == "unet" else Path(spec)
     if path.suffix == ".ckpt":
-        ckpt = read_checkpoint(path)
-        if ckpt.get(LINEAGE_KEY):
-            return [dict(s) for s in ckpt[LINEAGE_KEY]]
-        return run_lineage(path.resolve().parents[1], ckpt.get("global_step"))
+        return checkpoint_lineage(read_checkpoint(path), path)
     _, metadata = load_network(path)
     return release_lineage(metadata)
 

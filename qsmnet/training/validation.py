@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qsmnet.io.errors import QSMInputError
-from qsmnet.models.inputs import PRECOMPUTED_PREFIX
+from qsmnet.models.inputs import precomputed
 from qsmnet.training.datamodule import SimulatedQSMDataModule
 from qsmnet.training.metrics import volume_metrics
 
@@ -50,10 +50,8 @@ def validate_network(net: nn.Module, datamodule_hparams: Mapping[str, Any],
     for sample in dm.validation_samples():
         batch = {k: v.unsqueeze(0) for k, v in sample.items()}
         args = (batch["local_field_ppm"], batch["mask"], batch["voxel_size_mm"], batch["b0_dir"])
-        provided = {k[len(PRECOMPUTED_PREFIX):]: v for k, v in batch.items()
-                    if k.startswith(PRECOMPUTED_PREFIX)}
         if hasattr(net, "predict"):
-            pred, _ = net.predict(*args, provided=provided or None)
+            pred, _ = net.predict(*args, provided=precomputed(batch))
         else:
             pred = net(*args)
         metrics = volume_metrics(pred[0, 0].float().numpy(), batch["chi_ppm"][0, 0].numpy(),
