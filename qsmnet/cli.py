@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qsmnet import __version__
+from qsmnet.allocator import keep_large_buffers_in_heap
 from qsmnet.inference.dipole import CLASSICAL_METHODS, TFI_METHOD
 from qsmnet.inference.reference import (
     CSF_EROSION_MM,
@@ -610,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stderr), 1 for an unexpected failure, 130 when interrupted.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_large_buffers_in_heap()
     verbose = "-v" in argv or "--verbose" in argv
     handler = logging.StreamHandler(sys.stderr)  # the stderr of *this* call (pytest swaps it)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))

@@ -615,8 +615,23 @@ def _synthetic_volume(shape, seed=0):
             "b0_dir": (0.0, 0.0, 1.0), "mask": s["mask"][0] > 0}
 
 
+def _reset_peak_memory() -> None:
+    """Restart the process's resident-set high-water mark (VmHWM) from its current size, so
+    that the peak measured next is the reconstruction's, not the simulation's before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as exc:  # not Linux, or /proc read-only: the peak includes the simulation
+        print(f"speed: cannot reset the peak-memory mark ({exc}); it includes the simulation",
+              flush=True)
+
+
 def _speed_worker(shape, method, device, threads, queue, bfr="pdf"):
     import torch
+
+    from qsmnet.allocator import keep_large_buffers_in_heap, release_free_memory
+
+    keep_large_buffers_in_heap()  # as `qsmnet` does (a spawned process starts without it)
 
     torch.set_num_threads(threads)
     from qsmnet.inference.dipole import make_inverter
@@ -624,6 +639,10 @@ def _speed_worker(shape, method, device, threads, queue, bfr="pdf"):
     from qsmnet.inference.pipeline import reconstruct
 
     sample = _synthetic_volume(shape)
+    # what simulating the input freed is not part of a reconstruction (qsmnet predict reads
+    # its input from files): hand it back before measuring
+    release_free_memory()
+    _reset_peak_memory()
     inv = make_inverter(method, device, after_bfr=True)  # as `qsmnet predict` runs it
     with open("/proc/self/status") as f:
         before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -1017,8 +1036,10 @@ def render() -> Path:
         lines += ["## Speed and peak memory, end to end (rim + field mapping + background "
                   "removal + inversion)",
                   "",
-                  f"Machine: {spd.get('machine')}. Each row is a fresh process; peak memory is "
-                  "the process's resident-set high-water mark (VmHWM).", ""]
+                  f"Machine: {spd.get('machine')}. Each row is a fresh process, with the heap "
+                  "setting of `qsmnet.allocator` as `qsmnet` runs. Peak memory is the "
+                  "process's resident-set high-water mark (VmHWM), restarted once the input "
+                  "is simulated: the reconstruction's peak, model and interpreter included.", ""]
         from qsmnet.inference.resources import estimate_peak_bytes
 
         rows = []
@@ -1059,6 +1080,9 @@ def render() -> Path:
 
 
 def main(argv=None) -> int:
+    from qsmnet.allocator import keep_large_buffers_in_heap
+
+    keep_large_buffers_in_heap()  # as `qsmnet` and scripts/train.py do
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("section", nargs="?", default="all",
                    choices=("all", "accuracy", "stages", "speed", "ablation", "figures",

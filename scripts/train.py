@@ -15,12 +15,14 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from qsmnet.allocator import keep_large_buffers_in_heap
 from qsmnet.io.errors import QSMInputError
 from qsmnet.training.train import train
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    keep_large_buffers_in_heap()
     try:
         return train(cfg)
     except (QSMInputError, FileNotFoundError) as exc:

@@ -297,10 +297,17 @@ def test_sigkill_while_writing_leaves_the_old_set_or_the_new_one(subject, tmp_pa
 
 
 def test_memory_estimate_bounds_the_benchmarked_peaks():
-    """Against the peaks `scripts/benchmark.py speed` measured up to 256x256x176 x 4 echoes."""
+    """Against the peaks `scripts/benchmark.py speed` measured up to 256x256x176 x 4 echoes:
+    the estimate, one figure for any built-in method, lies above every method's peak and
+    within twice the peak of the most demanding one at that size."""
     runs = json.loads((ROOT / "docs" / "results" / "speed.json").read_text())["runs"]
     assert any(key.startswith("cpu/256x256x176/") for key in runs)
+    heaviest: dict[str, float] = {}
     for key, run in runs.items():
-        shape = [int(v) for v in key.split("/")[1].split("x")]
-        estimate_mb = resources.estimate_peak_bytes(shape, 4) / 2**20
-        assert run["peak_rss_mb"] < estimate_mb < 2 * run["peak_rss_mb"], key
+        shape = key.split("/")[1]
+        estimate_mb = resources.estimate_peak_bytes([int(v) for v in shape.split("x")], 4) / 2**20
+        assert run["peak_rss_mb"] < estimate_mb, key
+        heaviest[shape] = max(heaviest.get(shape, 0.0), run["peak_rss_mb"])
+    for shape, peak_mb in heaviest.items():
+        estimate_mb = resources.estimate_peak_bytes([int(v) for v in shape.split("x")], 4) / 2**20
+        assert estimate_mb < 2 * peak_mb, shape

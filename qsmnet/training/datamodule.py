@@ -43,6 +43,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from qsmnet.allocator import keep_large_buffers_in_heap
 from qsmnet.models.inputs import ESTIMATES, MAGNITUDE_KEY, PRECOMPUTED_PREFIX, classical_estimate
 from qsmnet.simulation.anatomical_source import AnatomicalSource
 from qsmnet.simulation.config import SimulationConfig, make_config
@@ -267,6 +268,7 @@ def worker_init_fn(worker_id: int) -> None:
     parallel; more threads would oversubscribe the cores). The data does not depend on worker
     RNG state: every sample is seeded from its index."""
     torch.set_num_threads(1)
+    keep_large_buffers_in_heap()  # a spawned worker does not inherit the parent's setting
     info = get_worker_info()
     if info is not None:
         log.debug("simulation worker %d/%d started", info.id, info.num_workers)
