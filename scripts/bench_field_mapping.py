@@ -327,14 +327,11 @@ def _status_kib(key: str) -> int:
 
 
 def _reset_peak_rss() -> str:
-    """Reset the kernel's peak-RSS mark (the value ``getrusage().ru_maxrss`` reports, VmHWM) to
-    the current RSS, so the peak measured afterwards is the step's own, not the input loading's
-    (or, after ``exec``, the parent's). Returns the method used."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return "VmHWM"
-    except OSError:
-        return "ru_maxrss"
+    """Reset the peak-RSS mark so the peak measured afterwards is the step's own, not the input
+    loading's (or, after ``exec``, the parent's). Returns the method used."""
+    from qsmnet.inference.resources import reset_peak_resident_memory
+
+    return "VmHWM" if reset_peak_resident_memory() else "ru_maxrss"
 
 
 def time_steps(arrays: dict, threads: int, repeats: int, folder: Path) -> dict:

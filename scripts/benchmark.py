@@ -615,21 +615,61 @@ def _synthetic_volume(shape, seed=0):
             "b0_dir": (0.0, 0.0, 1.0), "mask": s["mask"][0] > 0}
 
 
-def _reset_peak_memory() -> None:
-    """Restart the process's resident-set high-water mark (VmHWM) from its current size, so
-    that the peak measured next is the reconstruction's, not the simulation's before it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError as exc:  # not Linux, or /proc read-only: the peak includes the simulation
-        print(f"speed: cannot reset the peak-memory mark ({exc}); it includes the simulation",
-              flush=True)
+def run_tfi_budget(tfi_iterations, scale=0.5, force=False) -> dict:
+    """unet through TFI at a budget other than its default, and TFI's own chi, from phase on
+    the stages section's subjects (``docs/results/tfi_budget.json``, key ``OUTERxCG``): what
+    a faster TFI would cost in accuracy, beside the default's rows of the stages tables."""
+    from qsmnet.inference.dipole import TFI_METHOD, TFIChi
+    from qsmnet.inference.options import ReconOptions
+    from qsmnet.inference.pipeline import invert_on_support, reconstruct
+    from qsmnet.metrics import score
+    from qsmnet.simulation.qsmforward_acquisition import ANATOMICAL_SEEDS, END_TO_END_SEEDS
+
+    path = RESULTS / "tfi_budget.json"
+    res = {} if force else _load(path)
+    if res.get("model") != shipped_model_id():  # unet rows of another model
+        res = {}
+    res["model"] = shipped_model_id()
+    budget = "{}x{}".format(*tfi_iterations)
+    rows = res.setdefault("budgets", {}).setdefault(budget, {})
+    res["machine"], res["scale"] = _machine(), scale
+    unet = _inverter("unet", after_bfr=True)
+    for phantom, seed in (("head", END_TO_END_SEEDS[0]), ("anatomical", ANATOMICAL_SEEDS[0])):
+        for case, acq in _stages_set([seed], scale, phantom):
+            if case in rows:
+                continue
+            vs, b0 = acq.voxel_size_mm, tuple(acq.b0_dir)
+            sample = {"phase": acq.phase, "magnitude": acq.magnitude, "te_s": acq.te_s,
+                      "b0_t": acq.b0_t, "voxel_size_mm": vs, "b0_dir": b0, "mask": acq.mask}
+            base = reconstruct(sample, ReconOptions(
+                bfr="tfi", method=TFI_METHOD, bfr_params=_tfi_budget_params(tfi_iterations)),
+                start="phase", inverter=TFIChi())
+            chi, _ = invert_on_support(unet, base.inversion_field_ppm, base.inversion_mask,
+                                       base.mask, vs, b0)
+            rows[case] = {
+                "unet": score(chi.numpy(), acq.chi_ppm, acq.mask, vs, erode_mm=None)["mask"],
+                TFI_OWN_CHI: score(base.chi_ppm.numpy(), acq.chi_ppm, acq.mask, vs,
+                                   erode_mm=None)["mask"],
+                "seconds_bfr": base.timings_s.get("background_removal")}
+            print(f"tfi {budget} {case}: unet NRMSE {rows[case]['unet']['nrmse']:.1f} %, "
+                  f"TFI's own {rows[case][TFI_OWN_CHI]['nrmse']:.1f} %", flush=True)
+            _save(path, res)
+    return res
 
 
-def _speed_worker(shape, method, device, threads, queue, bfr="pdf"):
+def _tfi_budget_params(tfi_iterations) -> dict:
+    """``--tfi-iterations OUTER CG`` as TFI's keyword arguments ({} for its defaults)."""
+    if not tfi_iterations:
+        return {}
+    outer, cg = (int(v) for v in tfi_iterations)
+    return {"outer_iterations": outer, "cg_iterations": cg}
+
+
+def _speed_worker(shape, method, device, threads, queue, bfr="pdf", tfi_iterations=None):
     import torch
 
     from qsmnet.allocator import keep_large_buffers_in_heap, release_free_memory
+    from qsmnet.inference.resources import reset_peak_resident_memory
 
     keep_large_buffers_in_heap()  # as `qsmnet` does (a spawned process starts without it)
 
@@ -642,13 +682,15 @@ def _speed_worker(shape, method, device, threads, queue, bfr="pdf"):
     # what simulating the input freed is not part of a reconstruction (qsmnet predict reads
     # its input from files): hand it back before measuring
     release_free_memory()
-    _reset_peak_memory()
+    if not reset_peak_resident_memory():
+        print("speed: cannot reset the peak-memory mark; it includes the simulation", flush=True)
     inv = make_inverter(method, device, after_bfr=True)  # as `qsmnet predict` runs it
     with open("/proc/self/status") as f:
         before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
     t0 = time.perf_counter()
-    rec = reconstruct(sample, ReconOptions(bfr=bfr, device=device), start="phase",
-                      inverter=inv)
+    params = _tfi_budget_params(tfi_iterations) if bfr == "tfi" else {}
+    rec = reconstruct(sample, ReconOptions(bfr=bfr, device=device, bfr_params=params),
+                      start="phase", inverter=inv)
     total = time.perf_counter() - t0
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
@@ -658,9 +700,11 @@ def _speed_worker(shape, method, device, threads, queue, bfr="pdf"):
                "support_voxels": int(rec.support_mask.sum())})
 
 
-def run_speed(sizes, methods, device="cpu", threads=2, force=False, bfrs=("pdf",)) -> dict:
+def run_speed(sizes, methods, device="cpu", threads=2, force=False, bfrs=("pdf",),
+              tfi_iterations=None) -> dict:
     """End-to-end time and peak memory per size, inversion and background removal (a fresh
-    process each; keys ``device/size/method`` for PDF, ``device/size/method+bfr`` otherwise)."""
+    process each; keys ``device/size/method`` for PDF, ``device/size/method+bfr`` otherwise,
+    ``+tfiOUTERxCG`` for TFI at another budget than its default)."""
     path = RESULTS / "speed.json"
     res = {} if force else _load(path)
     res.setdefault("runs", {})
@@ -670,11 +714,14 @@ def run_speed(sizes, methods, device="cpu", threads=2, force=False, bfrs=("pdf",
     for shape in sizes:
         for method, bfr in ((m, b) for m in methods for b in bfrs):
             suffix = "" if bfr == "pdf" else f"+{bfr}"
+            if bfr == "tfi" and tfi_iterations:
+                suffix += "{}x{}".format(*tfi_iterations)
             key = f"{device}/{'x'.join(map(str, shape))}/{method}{suffix}"
             if key in res["runs"]:
                 continue
             q = ctx.Queue()
-            p = ctx.Process(target=_speed_worker, args=(shape, method, device, threads, q, bfr))
+            p = ctx.Process(target=_speed_worker,
+                            args=(shape, method, device, threads, q, bfr, tfi_iterations))
             p.start()
             p.join()
             if p.exitcode != 0:
@@ -897,6 +944,32 @@ def _model_lines() -> list[str]:
             + ".", ""]
 
 
+def _render_tfi_budget() -> list[str]:
+    """The ``tfi_budget`` section's table: unet through TFI at each budget measured, beside
+    the stages section's unet through TFI at its default and through PDF, from phase."""
+    res, stages = _load(RESULTS / "tfi_budget.json"), _load(RESULTS / "stages.json")
+    if not res.get("budgets"):
+        return []
+    chi = stages.get("chi", {})
+    budgets = sorted(res["budgets"])
+    head = ["case"] + [f"unet, TFI {b}" for b in budgets] + [
+        f"TFI's own chi, {b}" for b in budgets] + ["unet, TFI default", "unet, PDF"]
+    rows = []
+    for case in res["budgets"][budgets[0]]:
+        def nrmse(m):
+            return f"{m['nrmse']:.1f}" if m else "-"
+        rows.append([case] + [nrmse(res["budgets"][b].get(case, {}).get("unet")) for b in budgets]
+                    + [nrmse(res["budgets"][b].get(case, {}).get(TFI_OWN_CHI)) for b in budgets]
+                    + [nrmse(chi.get(f"{case}/tfi/phase/unet")),
+                       nrmse(chi.get(f"{case}/pdf/phase/unet"))])
+    return ["## Total-field inversion at a faster budget (end to end from phase)", "",
+            "chi NRMSE (%) on the stages section's subjects; `python scripts/benchmark.py "
+            "tfi_budget --tfi-iterations OUTER CG`, the default budget's and PDF's columns "
+            "from the stages section. Its cost on 256x256x176 is the speed table's "
+            "`tfiOUTERxCG` row (`speed --bfrs tfi --tfi-iterations OUTER CG`).", "",
+            _table(rows, head), ""]
+
+
 def render() -> Path:
     """Rebuild docs/benchmarks.md from docs/results/*.json."""
     lines = ["# Benchmarks", "",
@@ -1068,6 +1141,7 @@ def render() -> Path:
                       "log voxel count, over the sizes above; 1.0 = linear): "
                       + "; ".join(f"{k}: time x^{t:.2f}, peak memory x^{m:.2f}"
                                   for k, (t, m) in growth.items()) + ".", ""]
+    lines += _render_tfi_budget()
     extra = ROOT / "docs" / "benchmarks_notes.md"
     if extra.is_file():
         lines += [extra.read_text()]
@@ -1086,7 +1160,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("section", nargs="?", default="all",
                    choices=("all", "accuracy", "stages", "speed", "ablation", "figures",
-                            "render"))
+                            "tfi_budget", "render"))
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="subjects (default: 0 1 for accuracy, END_TO_END_SEEDS for stages)")
     p.add_argument("--scale", type=float, default=0.75,
@@ -1106,6 +1180,10 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=None, metavar="DIR",
                    help="write the JSON results (and the rendered page) to DIR instead of "
                         "docs/results (e.g. to compare two commits on a small size)")
+    p.add_argument("--tfi-iterations", nargs=2, type=int, default=None,
+                   metavar=("OUTER", "CG"),
+                   help="TFI budget of the speed section's tfi rows and of tfi_budget "
+                        "(default: TFI's own; tfi_budget: 4 130)")
     p.add_argument("--ablation-steps", type=int, default=500)
     p.add_argument("--ablation-patch", type=int, default=32)
     p.add_argument("--ablation-seed", type=int, default=7)
@@ -1131,7 +1209,13 @@ def main(argv=None) -> int:
                    tuple(n for n in a.inversions if n in STAGE_INVERSIONS), a.phantom)
     if a.section in ("all", "speed"):
         sizes = [tuple(int(n) for n in s.split("x")) for s in a.sizes]
-        run_speed(sizes, a.methods, a.device, a.threads, a.force, tuple(a.bfrs))
+        run_speed(sizes, a.methods, a.device, a.threads, a.force, tuple(a.bfrs),
+                  a.tfi_iterations)
+    if a.section == "tfi_budget":
+        import torch
+
+        torch.set_num_threads(a.threads)
+        run_tfi_budget(a.tfi_iterations or (4, 130), a.scale, a.force)
     if a.section in ("all", "ablation"):
         run_ablation(a.ablation_steps, a.ablation_seed, a.ablation_patch, a.threads, a.force)
     if a.section in ("all", "figures"):

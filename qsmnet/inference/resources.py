@@ -21,7 +21,8 @@ import torch
 
 from qsmnet.io.errors import QSMInputError
 
-__all__ = ["available_memory_bytes", "check_memory", "estimate_peak_bytes"]
+__all__ = ["available_memory_bytes", "check_memory", "estimate_peak_bytes",
+           "reset_peak_resident_memory"]
 
 #: Fixed part of a ``predict`` process: interpreter, torch, the model, the inputs' headers.
 BASE_BYTES = 600 * 2**20
@@ -36,6 +37,18 @@ def estimate_peak_bytes(shape: Sequence[int], n_echoes: int = 1) -> int:
     ``n_echoes`` echoes of phase on the CPU, with any built-in method."""
     voxels = math.prod(int(s) for s in shape[-3:])
     return int(BASE_BYTES + voxels * (BYTES_PER_VOXEL + BYTES_PER_VOXEL_ECHO * int(n_echoes)))
+
+
+def reset_peak_resident_memory() -> bool:
+    """Restart the kernel's peak-resident-set mark (VmHWM, what ``getrusage().ru_maxrss``
+    reports) from the current resident size, so that a peak read afterwards is that of what
+    follows, not of what came before (building or loading its inputs). Returns False where
+    the mark cannot be reset (not Linux, or ``/proc`` read-only)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def _read_int(path: Path) -> int | None:

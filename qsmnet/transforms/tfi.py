@@ -68,7 +68,7 @@ __all__ = ["TFI_DEFAULTS", "TFIBackground", "tfi_weights", "total_field_inversio
 
 #: Defaults of :func:`total_field_inversion` (tuning subject, see the module docstring).
 TFI_DEFAULTS = {"lam": 5e-5, "pb": 5.0, "eps": 1e-3, "outer_iterations": 10,
-                "cg_iterations": 150, "cg_tol": 1e-6, "pad": 24}
+                "cg_iterations": 150, "cg_tol": 1e-6, "pad": 16}
 
 #: Field noise below this fraction of its median in the support is raised to it, so that a
 #: few voxels with an implausibly small noise estimate do not carry the data term.
