@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Callable
 
 __all__ = ["HEAP_THRESHOLD_BYTES", "keep_large_buffers_in_heap", "release_free_memory"]
 
@@ -43,17 +44,23 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUN
 _applied: bool | None = None
 
 
-def _skip_reason() -> str | None:
-    if os.environ.get("QSMNET_ALLOCATOR", "").strip().lower() == "system":
-        return "QSMNET_ALLOCATOR=system"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return "not glibc"
+def _stands_aside() -> bool:
+    """Whether the setting must not apply here (module docstring)."""
     preload = os.environ.get("LD_PRELOAD", "").lower()
-    if any(name in preload for name in _OTHER_ALLOCATORS):
-        return "another allocator is preloaded"
-    if any(os.environ.get(name) for name in _USER_SETTINGS):
-        return "glibc malloc settings given in the environment"
-    return None
+    return (os.environ.get("QSMNET_ALLOCATOR", "").strip().lower() == "system"
+            or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
+            or any(name in preload for name in _OTHER_ALLOCATORS)
+            or any(os.environ.get(name) for name in _USER_SETTINGS))
+
+
+def _libc_function(name: str, argtypes: tuple) -> Callable[..., int] | None:
+    """``name`` from the C library the process runs on, typed; None where it has none."""
+    try:
+        fn = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
 
 
 def keep_large_buffers_in_heap(threshold_bytes: int = HEAP_THRESHOLD_BYTES) -> bool:
@@ -63,23 +70,14 @@ def keep_large_buffers_in_heap(threshold_bytes: int = HEAP_THRESHOLD_BYTES) -> b
     it does not apply (module docstring) or ``mallopt`` refused it. Safe to call more than once.
     """
     global _applied
-    if _applied is not None:
-        return _applied
-    if _skip_reason() is not None:
-        _applied = False
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        _applied = False
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    value = int(min(threshold_bytes, 2**31 - 1))
-    # mmap threshold first: were it refused, a raised trim threshold alone would only keep
-    # freed memory resident
-    _applied = bool(mallopt(_M_MMAP_THRESHOLD, value)) and bool(mallopt(_M_TRIM_THRESHOLD, value))
+    if _applied is None:
+        mallopt = None if _stands_aside() else _libc_function("mallopt",
+                                                               (ctypes.c_int, ctypes.c_int))
+        value = int(min(threshold_bytes, 2**31 - 1))
+        # mmap threshold first: were it refused, a raised trim threshold alone would only keep
+        # freed memory resident
+        _applied = (mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, value))
+                    and bool(mallopt(_M_TRIM_THRESHOLD, value)))
     return _applied
 
 
@@ -91,12 +89,5 @@ def release_free_memory() -> bool:
     an input that the rest of the process does not need). Returns True when memory was
     released, False when there was none to release or this is not glibc.
     """
-    if not _applied:
-        return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = (ctypes.c_size_t,)
-    trim.restype = ctypes.c_int
-    return bool(trim(0))
+    trim = _libc_function("malloc_trim", (ctypes.c_size_t,)) if _applied else None
+    return trim is not None and bool(trim(0))

@@ -83,13 +83,10 @@ def synthetic_brain(shape=(256, 256, 176), voxel_size=(1.0, 1.0, 1.0)):
 
 
 def _rss_mb(key: str) -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from qsmnet.inference.resources import status_kib
+
+    kib = status_kib(key)
+    return kib / 1024.0 if kib else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _worker(method, data_path, device, threads, repeat, warmup, queue):

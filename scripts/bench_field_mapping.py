@@ -262,6 +262,7 @@ def run_child(step: str, path: str, threads: int, repeats: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    from qsmnet.inference.resources import reset_peak_resident_memory, status_kib
     from qsmnet.transforms.field_mapping import FieldMapping
     from qsmnet.transforms.masking import BrainMask
     from qsmnet.transforms.echo_fit import fit_field_wls
@@ -295,8 +296,9 @@ def run_child(step: str, path: str, threads: int, repeats: int) -> None:
         elif step == "total":
             fm(t["phase"], t["magnitude"], te, b0, t["mask"], vs)
 
-    method = _reset_peak_rss()
-    base_kib = _status_kib("VmRSS")
+    # the step's own peak, not the input loading's (or, after exec, the parent's)
+    method = "VmHWM" if reset_peak_resident_memory() else "ru_maxrss"
+    base_kib = status_kib("VmRSS")
     once()  # warm-up (allocator, FFT plans)
     secs, cpus = [], []
     for _ in range(repeats):
@@ -305,7 +307,7 @@ def run_child(step: str, path: str, threads: int, repeats: int) -> None:
         once()
         secs.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
-    peak_kib = _status_kib("VmHWM") if method == "VmHWM" else \
+    peak_kib = status_kib("VmHWM") if method == "VmHWM" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"step": step, "seconds_median": float(np.median(secs)),
                       "seconds_min": float(min(secs)), "cpu_seconds_median": float(np.median(cpus)),
@@ -313,25 +315,6 @@ def run_child(step: str, path: str, threads: int, repeats: int) -> None:
                       "peak_rss_delta_mib": (peak_kib - base_kib) / 1024.0,
                       "peak_rss_mib": peak_kib / 1024.0, "inputs_rss_mib": base_kib / 1024.0,
                       "memory_method": method}))
-
-
-def _status_kib(key: str) -> int:
-    """A ``/proc/self/status`` field in KiB (0 where unavailable)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak_rss() -> str:
-    """Reset the peak-RSS mark so the peak measured afterwards is the step's own, not the input
-    loading's (or, after ``exec``, the parent's). Returns the method used."""
-    from qsmnet.inference.resources import reset_peak_resident_memory
-
-    return "VmHWM" if reset_peak_resident_memory() else "ru_maxrss"
 
 
 def time_steps(arrays: dict, threads: int, repeats: int, folder: Path) -> dict:

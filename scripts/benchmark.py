@@ -241,8 +241,7 @@ def run_accuracy(seeds, scale, force=False, end_to_end=True, inversions=INVERSIO
             _save(path, res)
         if not end_to_end:
             continue
-        sample = {"phase": acq.phase, "magnitude": acq.magnitude, "te_s": acq.te_s,
-                  "b0_t": acq.b0_t, "voxel_size_mm": vs, "b0_dir": b0, "mask": acq.mask}
+        sample = _phase_sample(acq)
         for bfr in BFRS:
             todo = [n for n, inv in e2e_inverters.items()
                     if inv is not None and f"{case}/{bfr}/{n}" not in res["end_to_end"]]
@@ -292,6 +291,12 @@ def _stages_set(seeds, scale, phantom="head"):
 
     prefix = "e2eset" if phantom == "head" else f"e2eset_{phantom}"
     return _cached_set(prefix, functools.partial(end_to_end_set, phantom=phantom), seeds, scale)
+
+
+def _phase_sample(acq) -> dict:
+    """A qsm-forward acquisition as the sample ``reconstruct(..., start="phase")`` takes."""
+    return {"phase": acq.phase, "magnitude": acq.magnitude, "te_s": acq.te_s, "b0_t": acq.b0_t,
+            "voxel_size_mm": acq.voxel_size_mm, "b0_dir": tuple(acq.b0_dir), "mask": acq.mask}
 
 
 def _field_mapping_once(truth_total_ppm=None, source=None):
@@ -395,8 +400,7 @@ def run_stages(seeds, scale, force=False, inversions=STAGE_INVERSIONS, phantom="
                                            erode_mm=None)["mask"]
                 print(f"dipole {key}: NRMSE {res['dipole'][key]['nrmse']:.1f} %", flush=True)
         _save(path, res)
-        sample = {"phase": acq.phase, "magnitude": acq.magnitude, "te_s": acq.te_s,
-                  "b0_t": acq.b0_t, "voxel_size_mm": vs, "b0_dir": b0, "mask": acq.mask}
+        sample = _phase_sample(acq)
         measured = _field_mapping_once()
         # the brain's own field on the whole grid (qsm-forward's local field is masked)
         own = forward_field(torch.from_numpy(acq.chi_ppm * acq.mask), vs, b0, pad=64).float()
@@ -620,7 +624,7 @@ def run_tfi_budget(tfi_iterations, scale=0.5, force=False) -> dict:
     the stages section's subjects (``docs/results/tfi_budget.json``, key ``OUTERxCG``): what
     a faster TFI would cost in accuracy, beside the default's rows of the stages tables."""
     from qsmnet.inference.dipole import TFI_METHOD, TFIChi
-    from qsmnet.inference.options import ReconOptions
+    from qsmnet.inference.options import ReconOptions, tfi_iteration_params
     from qsmnet.inference.pipeline import invert_on_support, reconstruct
     from qsmnet.metrics import score
     from qsmnet.simulation.qsmforward_acquisition import ANATOMICAL_SEEDS, END_TO_END_SEEDS
@@ -639,10 +643,8 @@ def run_tfi_budget(tfi_iterations, scale=0.5, force=False) -> dict:
             if case in rows:
                 continue
             vs, b0 = acq.voxel_size_mm, tuple(acq.b0_dir)
-            sample = {"phase": acq.phase, "magnitude": acq.magnitude, "te_s": acq.te_s,
-                      "b0_t": acq.b0_t, "voxel_size_mm": vs, "b0_dir": b0, "mask": acq.mask}
-            base = reconstruct(sample, ReconOptions(
-                bfr="tfi", method=TFI_METHOD, bfr_params=_tfi_budget_params(tfi_iterations)),
+            base = reconstruct(_phase_sample(acq), ReconOptions(
+                bfr="tfi", method=TFI_METHOD, bfr_params=tfi_iteration_params(tfi_iterations)),
                 start="phase", inverter=TFIChi())
             chi, _ = invert_on_support(unet, base.inversion_field_ppm, base.inversion_mask,
                                        base.mask, vs, b0)
@@ -657,25 +659,17 @@ def run_tfi_budget(tfi_iterations, scale=0.5, force=False) -> dict:
     return res
 
 
-def _tfi_budget_params(tfi_iterations) -> dict:
-    """``--tfi-iterations OUTER CG`` as TFI's keyword arguments ({} for its defaults)."""
-    if not tfi_iterations:
-        return {}
-    outer, cg = (int(v) for v in tfi_iterations)
-    return {"outer_iterations": outer, "cg_iterations": cg}
-
-
 def _speed_worker(shape, method, device, threads, queue, bfr="pdf", tfi_iterations=None):
     import torch
 
     from qsmnet.allocator import keep_large_buffers_in_heap, release_free_memory
-    from qsmnet.inference.resources import reset_peak_resident_memory
+    from qsmnet.inference.resources import reset_peak_resident_memory, status_kib
 
     keep_large_buffers_in_heap()  # as `qsmnet` does (a spawned process starts without it)
 
     torch.set_num_threads(threads)
     from qsmnet.inference.dipole import make_inverter
-    from qsmnet.inference.options import ReconOptions
+    from qsmnet.inference.options import ReconOptions, tfi_iteration_params
     from qsmnet.inference.pipeline import reconstruct
 
     sample = _synthetic_volume(shape)
@@ -685,15 +679,13 @@ def _speed_worker(shape, method, device, threads, queue, bfr="pdf", tfi_iteratio
     if not reset_peak_resident_memory():
         print("speed: cannot reset the peak-memory mark; it includes the simulation", flush=True)
     inv = make_inverter(method, device, after_bfr=True)  # as `qsmnet predict` runs it
-    with open("/proc/self/status") as f:
-        before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    before = status_kib("VmRSS") / 1024
     t0 = time.perf_counter()
-    params = _tfi_budget_params(tfi_iterations) if bfr == "tfi" else {}
+    params = tfi_iteration_params(tfi_iterations) if bfr == "tfi" else {}
     rec = reconstruct(sample, ReconOptions(bfr=bfr, device=device, bfr_params=params),
                       start="phase", inverter=inv)
     total = time.perf_counter() - t0
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    peak = status_kib("VmHWM") / 1024
     queue.put({"seconds_total": total, **{f"seconds_{k}": v for k, v in rec.timings_s.items()},
                "peak_rss_mb": peak, "rss_before_mb": before,
                "mask_voxels": int(sample["mask"].sum()),
@@ -954,10 +946,11 @@ def _render_tfi_budget() -> list[str]:
     budgets = sorted(res["budgets"])
     head = ["case"] + [f"unet, TFI {b}" for b in budgets] + [
         f"TFI's own chi, {b}" for b in budgets] + ["unet, TFI default", "unet, PDF"]
+    def nrmse(m):
+        return f"{m['nrmse']:.1f}" if m else "-"
+
     rows = []
     for case in res["budgets"][budgets[0]]:
-        def nrmse(m):
-            return f"{m['nrmse']:.1f}" if m else "-"
         rows.append([case] + [nrmse(res["budgets"][b].get(case, {}).get("unet")) for b in budgets]
                     + [nrmse(res["budgets"][b].get(case, {}).get(TFI_OWN_CHI)) for b in budgets]
                     + [nrmse(chi.get(f"{case}/tfi/phase/unet")),

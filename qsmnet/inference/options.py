@@ -10,7 +10,7 @@ the per-subject loop of ``predict``) takes it whole instead of loose arguments.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,18 +37,24 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def _bfr_params_from_args(args) -> dict[str, Any]:
-    """``--tfi-iterations OUTER CG`` as TFI's keyword arguments (checked here, so that a bad
-    value stops the run before any subject is read)."""
-    iterations = getattr(args, "tfi_iterations", None)
+def tfi_iteration_params(iterations: Sequence[int] | None) -> dict[str, Any]:
+    """``--tfi-iterations OUTER CG`` as TFI's keyword arguments ({} for its defaults when
+    None), checked."""
     if iterations is None:
         return {}
-    if args.bfr != "tfi":
-        raise QSMInputError(f"--tfi-iterations: only used with --bfr tfi (not --bfr {args.bfr})")
     outer, cg = (int(n) for n in iterations)
     if outer < 1 or cg < 1:
         raise QSMInputError(f"--tfi-iterations: both counts must be >= 1, got {outer} {cg}")
     return {"outer_iterations": outer, "cg_iterations": cg}
+
+
+def _bfr_params_from_args(args) -> dict[str, Any]:
+    """``--tfi-iterations`` as background removal's keyword arguments (checked here, so that a
+    bad value stops the run before any subject is read)."""
+    iterations = getattr(args, "tfi_iterations", None)
+    if iterations is not None and args.bfr != "tfi":
+        raise QSMInputError(f"--tfi-iterations: only used with --bfr tfi (not --bfr {args.bfr})")
+    return tfi_iteration_params(iterations)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 from qsmnet.io.errors import QSMInputError
 
 __all__ = ["available_memory_bytes", "check_memory", "estimate_peak_bytes",
-           "reset_peak_resident_memory"]
+           "reset_peak_resident_memory", "status_kib"]
 
 #: Fixed part of a ``predict`` process: interpreter, torch, the model, the inputs' headers.
 BASE_BYTES = 600 * 2**20
@@ -37,6 +37,18 @@ def estimate_peak_bytes(shape: Sequence[int], n_echoes: int = 1) -> int:
     ``n_echoes`` echoes of phase on the CPU, with any built-in method."""
     voxels = math.prod(int(s) for s in shape[-3:])
     return int(BASE_BYTES + voxels * (BYTES_PER_VOXEL + BYTES_PER_VOXEL_ECHO * int(n_echoes)))
+
+
+def status_kib(key: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``"VmRSS"``, ``"VmHWM"``, ...); 0 where it cannot
+    be read (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def reset_peak_resident_memory() -> bool:
