@@ -62,7 +62,8 @@ def gradient_into(x: torch.Tensor, out: torch.Tensor, inv_h: Sequence[float]) ->
         n = x.shape[axis]
         torch.sub(x.narrow(axis, 1, n - 1), x.narrow(axis, 0, n - 1), out=o.narrow(axis, 0, n - 1))
         torch.sub(x.narrow(axis, 0, 1), x.narrow(axis, n - 1, 1), out=o.narrow(axis, n - 1, 1))
-        o.mul_(inv_h[axis])
+        if inv_h[axis] != 1.0:
+            o.mul_(inv_h[axis])
     return out
 
 

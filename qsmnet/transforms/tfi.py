@@ -145,20 +145,26 @@ def _tfi_single(f, m, vs, b0, w, *, lam, pb, eps, outer_iterations, cg_iteration
     pairs = _pair_mask(mp).to(dt)
 
     def conv(x):
-        return torch.fft.irfftn(torch.fft.rfftn(x) * d, s=padded)
+        spectrum = torch.fft.rfftn(x)
+        return torch.fft.irfftn(spectrum.mul_(d), s=padded)
 
+    # lam and the 1/h^2 of each axis live in the TV weights, so the CG operator takes plain
+    # differences and does not scale the three gradient components at every iteration
+    unit = (1.0, 1.0, 1.0)
+    axis_scale = torch.tensor([lam * h * h for h in inv_h], dtype=dt, device=dev).view(3, 1, 1, 1)
     grad = torch.empty((3, *padded), dtype=dt, device=dev)
     tmp = torch.empty_like(fp)
     out = torch.empty_like(fp)
+    py = torch.empty_like(fp)
     lam_weights = torch.empty_like(grad)
 
     def apply_a(y):
-        py = p * y
-        data = conv(w2 * conv(py))
-        gradient_into(py, grad, inv_h)
+        torch.mul(p, y, out=py)
+        data = conv(conv(py).mul_(w2))
+        gradient_into(py, grad, unit)
         grad.mul_(lam_weights)
-        gradient_adjoint_into(grad, out, inv_h, tmp)
-        return p * (data + lam * out)
+        gradient_adjoint_into(grad, out, unit, tmp)
+        return data.add_(out).mul_(p)
 
     b = p * conv(w2 * fp)
     y = torch.zeros_like(fp)
@@ -167,6 +173,7 @@ def _tfi_single(f, m, vs, b0, w, *, lam, pb, eps, outer_iterations, cg_iteration
         grad.mul_(pairs)
         scale = 1.0 / torch.sqrt(grad.pow(2).sum(dim=0) + eps * eps)
         torch.mul(pairs, scale, out=lam_weights)
+        lam_weights.mul_(axis_scale)
         y, _, _ = conjugate_gradient(apply_a, b, x0=y, max_iter=int(cg_iterations), tol=cg_tol)
     chi = p * y
     inside = torch.where(mp, chi, torch.zeros_like(chi))
