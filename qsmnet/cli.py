@@ -117,14 +117,14 @@ def _add_method_device(p: argparse.ArgumentParser) -> None:
                         "brain's own field near its edge is not taken for background; chi is "
                         "reported on the brain mask; 0 uses the brain mask alone "
                         "(default: %(default)s)")
-    p.add_argument("--bfr", default="pdf", choices=sorted(BFR_METHODS, key=lambda m: m != "pdf"),
-                   help="background-field removal (default: %(default)s; pdf keeps the whole "
-                        "mask, vsharp/resharp/vresharp erode it; vresharp is V-SHARP's "
-                        "variable radius with RESHARP's regularised solve; lbv, the Laplacian "
-                        "boundary value method, returns the mask less its outer layers; tfi, a "
-                        "total-field inversion, fits chi of the brain and of a band around it "
-                        "to the total field and returns the field of the brain's part, on the "
-                        "whole mask)")
+    p.add_argument("--bfr", default="tfi", choices=sorted(BFR_METHODS, key=lambda m: m != "tfi"),
+                   help="background-field removal (default: %(default)s; tfi, a total-field "
+                        "inversion, fits chi of the brain and of a band around it to the total "
+                        "field and returns the field of the brain's part, on the whole mask; "
+                        "pdf keeps the whole mask, vsharp/resharp/vresharp erode it; vresharp "
+                        "is V-SHARP's variable radius with RESHARP's regularised solve; lbv, "
+                        "the Laplacian boundary value method, returns the mask less its outer "
+                        "layers)")
     p.add_argument("--tfi-iterations", type=int, nargs=2, default=None,
                    metavar=("OUTER", "CG"),
                    help="with --bfr tfi: TV reweighting steps, and conjugate-gradient "

@@ -193,9 +193,11 @@ def test_tfi_iterations_reach_the_solver_and_are_recorded(tmp_path, acquisition)
         "outer_iterations": 4, "cg_iterations": 40}), start="totalfield")
     # same float32 inputs and steps on one thread: equal up to float32 storage of the output
     np.testing.assert_allclose(local, ref.local_field_ppm.numpy(), rtol=0, atol=1e-6)
-    # 4 CG iterations leave most of the brain's field unexplained (about 90 % off); 4 x 40 halve
-    # that (what remains is the mask's edge, which this support without a CSF rim cannot pin)
-    assert errors[(4, 40)] < 0.6 * errors[(1, 4)], errors
+    # both budgets start from TFI's background start (the outside sources fitted alone), which
+    # leaves about 65 % of the brain's field unexplained; 4 joint CG iterations do little more,
+    # 4 x 40 take off a sixth of it (what remains is the mask's edge, which this support without
+    # a CSF rim cannot pin)
+    assert errors[(4, 40)] < 0.9 * errors[(1, 4)], errors
 
 
 def test_method_tfi_is_the_chi_of_the_total_field_inversion(tmp_path, acquisition):
@@ -230,9 +232,10 @@ def test_method_tfi_is_the_chi_of_the_total_field_inversion(tmp_path, acquisitio
 
 
 @pytest.mark.parametrize("extra,pattern", [
-    (["--tfi-iterations", "2", "10"], "--tfi-iterations: only used with --bfr tfi (not --bfr pdf)"),
+    (["--bfr", "pdf", "--tfi-iterations", "2", "10"],
+     "--tfi-iterations: only used with --bfr tfi (not --bfr pdf)"),
     (["--bfr", "tfi", "--tfi-iterations", "0", "10"], "--tfi-iterations: both counts must be >= 1"),
-    (["--method", "tfi"], "--method tfi: needs --bfr tfi"),
+    (["--method", "tfi", "--bfr", "pdf"], "--method tfi: needs --bfr tfi"),
     (["--method", "tfi", "--bfr", "tfi", "--dc-iterations", "5"],
      "--dc-iterations: not used with --method tfi"),
 ])
@@ -346,8 +349,10 @@ def test_pre_unwrapped_phase_with_phase_units_rad_gives_the_wrapped_phase_chi(
     line = _error_line(capsys.readouterr().err)
     assert "not in radians" in line and "already unwrapped" in line
     assert "pass --phase-units rad" in line
-    assert _predict_phase(tmp_path, acq, acq.phase, tmp_path / "wrapped") == 0
-    assert _predict_phase(tmp_path, acq, unwrapped, tmp_path / "rad", "--phase-units", "rad") == 0
+    # PDF, whose CG stops at its residual test (the bound on chi below is PDF's)
+    assert _predict_phase(tmp_path, acq, acq.phase, tmp_path / "wrapped", "--bfr", "pdf") == 0
+    assert _predict_phase(tmp_path, acq, unwrapped, tmp_path / "rad", "--phase-units", "rad",
+                          "--bfr", "pdf") == 0
     load = lambda run, name: nib.load(tmp_path / run / f"{name}.nii.gz").get_fdata()  # noqa: E731
     mask = load("wrapped", "mask") > 0
     # Wrapping is exact up to the float32 rounding of wrapped + 2*pi*k: half an ulp of |phase|,

@@ -187,3 +187,23 @@ def test_pipeline_from_wrapped_phase_uses_the_noise_weights(problem):
     assert rec.field_noise_ppm is not None
     assert bool((rec.inversion_mask == m).all())
     assert _rel(rec.local_field_ppm.double(), problem["local"], m) < 0.08
+
+
+def test_background_start_alone_fits_the_outside_sources(problem):
+    """The start (the PDF problem on the outside susceptibility) explains a field made only by
+    sources outside the mask: after it and one joint CG step, the background field is the
+    analytic spheres' field, which the joint step alone is far from."""
+    m = problem["mask"]
+    one_step = {**FAST, "outer_iterations": 1, "cg_iterations": 1}
+    _, _, cold = total_field_inversion(problem["background"], m, VS, B0,
+                                       **one_step, background_iterations=0)
+    _, local, warm = total_field_inversion(problem["background"], m, VS, B0,
+                                           **one_step, background_iterations=150)
+    assert _rel(cold, problem["background"], m) > 0.2
+    assert _rel(warm, problem["background"], m) < 0.02
+    assert float(local[m].abs().max()) < 0.01 * float(problem["background"][m].abs().max())
+
+
+def test_background_iterations_must_not_be_negative():
+    with pytest.raises(ValueError, match="background_iterations"):
+        TFIBackground(background_iterations=-1)

@@ -95,7 +95,7 @@ class ReconOptions:
     """
 
     method: str = "unet"
-    bfr: str = "pdf"
+    bfr: str = "tfi"
     bfr_params: Mapping[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     dc_iterations: int | None = None
