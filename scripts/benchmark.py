@@ -621,11 +621,14 @@ def _synthetic_volume(shape, seed=0):
             "b0_dir": (0.0, 0.0, 1.0), "mask": s["mask"][0] > 0}
 
 
-def _tfi_budget_key(tfi_iterations) -> str:
-    """``OUTERxCG, start N, band P``: the budget with TFI's background start and band, which
-    are not command-line options and whose defaults have changed between runs."""
+def _tfi_budget_key(tfi_iterations=None) -> str:
+    """``OUTERxCG, start N, band P``: the budget (TFI's default when None) with TFI's background
+    start and band, which are not command-line options and whose defaults have changed
+    between runs."""
     from qsmnet.transforms.tfi import TFI_DEFAULTS
 
+    if tfi_iterations is None:
+        tfi_iterations = (TFI_DEFAULTS["outer_iterations"], TFI_DEFAULTS["cg_iterations"])
     return "{}x{}, start {}, band {}".format(*tfi_iterations,
                                              TFI_DEFAULTS["background_iterations"],
                                              TFI_DEFAULTS["pad"])
@@ -967,9 +970,7 @@ def _render_tfi_budget() -> list[str]:
                     + [nrmse(res["budgets"][b].get(case, {}).get(TFI_OWN_CHI)) for b in budgets]
                     + [nrmse(chi.get(f"{case}/tfi/phase/unet")),
                        nrmse(chi.get(f"{case}/pdf/phase/unet"))])
-    from qsmnet.transforms.tfi import TFI_DEFAULTS
-
-    default = _tfi_budget_key((TFI_DEFAULTS["outer_iterations"], TFI_DEFAULTS["cg_iterations"]))
+    default = _tfi_budget_key()
     return ["## Total-field inversion at other budgets (end to end from phase)", "",
             "chi NRMSE (%) on the stages section's subjects; `python scripts/benchmark.py "
             "tfi_budget --tfi-iterations OUTER CG` (start: CG iterations of the background "

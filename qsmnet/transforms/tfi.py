@@ -130,7 +130,7 @@ def _pair_mask(m: torch.Tensor) -> torch.Tensor:
 
 
 def _tfi_single(f, m, vs, b0, w, *, lam, pb, eps, outer_iterations, cg_iterations, cg_tol,
-                pad, background_iterations=0):
+                pad, background_iterations):
     as_voxel_size_mm(vs)
     full = tuple(f.shape)
     box = nonempty_box(m)
@@ -169,19 +169,20 @@ def _tfi_single(f, m, vs, b0, w, *, lam, pb, eps, outer_iterations, cg_iteration
         gradient_adjoint_into(grad, out, unit, tmp)
         return data.add_(out).mul_(p)
 
-    b = p * conv(w2 * fp)
+    dwf = conv(w2 * fp)
+    b = p * dwf
     y = torch.zeros_like(fp)
     if background_iterations > 0:
-        # Start from the outside susceptibility that explains the most of the field with none
-        # inside (the PDF problem): on a real head the background field dominates ``b``, and
-        # fitting it first, without the TV term, leaves the joint solve the brain's own field.
+        # the background start (module docstring): the same normal equations on the outside
+        # susceptibility alone, without the TV term
         q = torch.where(mp, torch.zeros_like(p), p)
 
         def apply_outside(v):
             return conv(conv(q * v).mul_(w2)).mul_(q)
 
-        y, _, _ = conjugate_gradient(apply_outside, q * conv(w2 * fp),
+        y, _, _ = conjugate_gradient(apply_outside, q * dwf,
                                      max_iter=int(background_iterations), tol=cg_tol)
+    del dwf
     for _ in range(int(outer_iterations)):
         gradient_into(p * y, grad, inv_h)
         grad.mul_(pairs)
