@@ -47,7 +47,8 @@ Usage::
     PNGs under ``docs/figures/``: slices of truth, unet, TV and their errors for one case, and
     NRMSE against the B0 tilt angle (qsm-forward local fields of the head phantom, 0-90 deg).
 
-Results are cached per case in the JSON files; ``--force`` recomputes. Each file names the
+Results are cached per case in the JSON files; ``--force`` recomputes (in ``speed`` and
+``tfi_budget``, only the runs the command selects; the other rows are kept). Each file names the
 shipped model its network rows were measured with (``"model"``: name and SHA-256 of the
 release file); when the shipped model changes, those rows (``MODEL_ROWS``) are dropped and
 measured again on the next run of the section, and the classical rows are kept.
@@ -645,11 +646,13 @@ def run_tfi_budget(tfi_iterations, scale=0.5, force=False) -> dict:
     from qsmnet.simulation.qsmforward_acquisition import ANATOMICAL_SEEDS, END_TO_END_SEEDS
 
     path = RESULTS / "tfi_budget.json"
-    res = {} if force else _load(path)
+    res = _load(path)
     if res.get("model") != shipped_model_id():  # unet rows of another model
         res = {}
     res["model"] = shipped_model_id()
     budget = _tfi_budget_key(tfi_iterations)
+    if force:  # this budget's rows only; the other budgets are kept
+        res.setdefault("budgets", {}).pop(budget, None)
     rows = res.setdefault("budgets", {}).setdefault(budget, {})
     res["machine"], res["scale"] = _machine(), scale
     unet = _inverter("unet", after_bfr=True)
@@ -713,7 +716,7 @@ def run_speed(sizes, methods, device="cpu", threads=2, force=False, bfrs=("pdf",
     process each; keys ``device/size/method`` for PDF, ``device/size/method+bfr`` otherwise,
     ``+tfiOUTERxCG`` for TFI at another budget than its default)."""
     path = RESULTS / "speed.json"
-    res = {} if force else _load(path)
+    res = _load(path)  # --force recomputes the selected runs only; the others are kept
     res.setdefault("runs", {})
     res["machine"] = _machine()
     res["machine"]["threads_used"] = threads
@@ -724,7 +727,7 @@ def run_speed(sizes, methods, device="cpu", threads=2, force=False, bfrs=("pdf",
             if bfr == "tfi" and tfi_iterations:
                 suffix += "{}x{}".format(*tfi_iterations)
             key = f"{device}/{'x'.join(map(str, shape))}/{method}{suffix}"
-            if key in res["runs"]:
+            if key in res["runs"] and not force:
                 continue
             q = ctx.Queue()
             p = ctx.Process(target=_speed_worker,
