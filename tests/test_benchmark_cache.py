@@ -32,3 +32,21 @@ def test_rows_of_another_shipped_model_are_dropped_and_classical_rows_kept():
     res["dipole"]["c/unet"] = 8.0
     bench.drop_stale_model_rows(res, ("dipole", "chi"))
     assert res["dipole"] == {"c/tv": 4.0, "c/unet": 8.0}
+
+
+def test_force_remeasures_the_selected_speed_run_and_keeps_the_others(tmp_path, monkeypatch):
+    # speed measures in a spawned process, which must import the script's module by name
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = importlib.import_module("benchmark")
+    bench.RESULTS = tmp_path
+    other = {"seconds_total": 123.0, "peak_rss_mb": 1.0}
+    stale = {"seconds_total": -1.0, "peak_rss_mb": -1.0}
+    bench._save(tmp_path / "speed.json",
+                {"runs": {"cpu/256x256x176/unet": other, "cpu/32x32x32/tv": stale}})
+    res = bench.run_speed([(32, 32, 32)], ["tv"], force=True)
+    # the row measured before with another command survives --force
+    assert res["runs"]["cpu/256x256x176/unet"] == other
+    # the selected row was measured again: a real run takes a positive time and memory
+    again = res["runs"]["cpu/32x32x32/tv"]
+    assert again["seconds_total"] > 0 and again["peak_rss_mb"] > 0
+    assert bench._load(tmp_path / "speed.json")["runs"] == res["runs"]
