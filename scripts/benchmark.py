@@ -623,16 +623,19 @@ def _synthetic_volume(shape, seed=0):
 
 
 def _tfi_budget_key(tfi_iterations=None) -> str:
-    """``OUTERxCG, start N, band P``: the budget (TFI's default when None) with TFI's background
-    start and band, which are not command-line options and whose defaults have changed
+    """``OUTERxCG, start N, band P[, inside L2 A]``: the budget (TFI's default when None) with
+    TFI's background start, band and inside start, which are not command-line options and whose defaults have changed
     between runs."""
     from qsmnet.transforms.tfi import TFI_DEFAULTS
 
     if tfi_iterations is None:
         tfi_iterations = (TFI_DEFAULTS["outer_iterations"], TFI_DEFAULTS["cg_iterations"])
-    return "{}x{}, start {}, band {}".format(*tfi_iterations,
-                                             TFI_DEFAULTS["background_iterations"],
-                                             TFI_DEFAULTS["pad"])
+    key = "{}x{}, start {}, band {}".format(*tfi_iterations,
+                                            TFI_DEFAULTS["background_iterations"],
+                                            TFI_DEFAULTS["pad"])
+    if TFI_DEFAULTS["inside_start_alpha"] > 0:  # keys measured before the inside start lack it
+        key += ", inside L2 {:g}".format(TFI_DEFAULTS["inside_start_alpha"])
+    return key
 
 
 def run_tfi_budget(tfi_iterations, scale=0.5, force=False) -> dict:
@@ -963,7 +966,7 @@ def _render_tfi_budget() -> list[str]:
     chi = stages.get("chi", {})
     budgets = sorted(res["budgets"])
     head = ["case"] + [f"unet, TFI {b}" for b in budgets] + [
-        f"TFI's own chi, {b}" for b in budgets] + ["unet, TFI default", "unet, PDF"]
+        f"TFI's own chi, {b}" for b in budgets] + ["unet, TFI (stages section)", "unet, PDF"]
     def nrmse(m):
         return f"{m['nrmse']:.1f}" if m else "-"
 
@@ -977,8 +980,9 @@ def _render_tfi_budget() -> list[str]:
     return ["## Total-field inversion at other budgets (end to end from phase)", "",
             "chi NRMSE (%) on the stages section's subjects; `python scripts/benchmark.py "
             "tfi_budget --tfi-iterations OUTER CG` (start: CG iterations of the background "
-            "start; band: voxels modelled around the support), the default's "
-            f"({default}) and PDF's columns from the stages section. The cost on 256x256x176 "
+            "start; band: voxels modelled around the support; inside L2: the inside start's "
+            f"weight). The default is {default}. The last two columns come from the stages "
+            "section, at the TFI settings its notes name. The cost on 256x256x176 "
             "is the speed table's `tfiOUTERxCG` row (`speed --bfrs tfi --tfi-iterations "
             "OUTER CG`).", "",
             _table(rows, head), ""]

@@ -224,14 +224,18 @@ def closed_form_l2(local_field_ppm: torch.Tensor, mask: torch.Tensor | None = No
     """
     if alpha < 0:
         raise ValueError(f"alpha must be non-negative, got {alpha}")
-
-    def filt(d, shape, vs):
-        e2 = -laplacian_eigenvalues(shape, vs, half=True, dtype=d.dtype, device=d.device)
-        den = d * d + alpha * e2
-        return torch.where(den > 0, d / torch.where(den > 0, den, torch.ones_like(den)),
-                           torch.zeros_like(den))
-
+    filt = functools.partial(l2_filter, alpha=alpha)
     return _direct_inversion(local_field_ppm, mask, voxel_size_mm, b0_dir, pad, filt)
+
+
+def l2_filter(d: torch.Tensor, shape: Sequence[int], vs, *, alpha: float) -> torch.Tensor:
+    """The closed-form L2 inversion's filter ``D / (D^2 + alpha |grad|^2)`` (0 where both
+    vanish) for the dipole spectrum ``d`` of the grid ``shape`` (rfftn layout), voxel size
+    ``vs`` (mm): :func:`closed_form_l2` on a grid the caller has already padded."""
+    e2 = -laplacian_eigenvalues(shape, vs, half=True, dtype=d.dtype, device=d.device)
+    den = d * d + alpha * e2
+    return torch.where(den > 0, d / torch.where(den > 0, den, torch.ones_like(den)),
+                       torch.zeros_like(den))
 
 
 # --------------------------------------------------------------------------------------------

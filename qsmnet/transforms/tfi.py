@@ -21,7 +21,10 @@ equations ``(P D W^2 D P + lam P grad^T G Lambda grad P) y = P D W^2 f`` by conj
 warm started from the previous estimate. The first solve starts from the outside
 susceptibility alone that best explains the field (the PDF problem, ``background_iterations``
 CG steps without the TV term): on a real head the background dominates the right-hand side, and
-fitting it first leaves the joint solve the brain's own field.
+fitting it first leaves the joint solve the brain's own field. The susceptibility in ``M``
+then starts from the closed-form L2 inversion of the field the background start leaves
+(``inside_start_alpha``), so that the joint iterations refine a whole-brain estimate instead of
+building it from zero.
 
 Two uses in qsmnet:
 
@@ -64,14 +67,15 @@ from qsmnet.transforms._grid import (
     uncrop_box,
 )
 from qsmnet.transforms.base import Transform
-from qsmnet.transforms.inversion import reference_to_mask_mean
+from qsmnet.transforms.inversion import l2_filter, reference_to_mask_mean
 from qsmnet.transforms.solvers import conjugate_gradient
 
 __all__ = ["TFI_DEFAULTS", "TFIBackground", "tfi_weights", "total_field_inversion"]
 
 #: Defaults of :func:`total_field_inversion` (tuning subject, see the module docstring).
 TFI_DEFAULTS = {"lam": 5e-5, "pb": 5.0, "eps": 1e-3, "outer_iterations": 4,
-                "cg_iterations": 120, "cg_tol": 1e-6, "pad": 12, "background_iterations": 40}
+                "cg_iterations": 120, "cg_tol": 1e-6, "pad": 12, "background_iterations": 40,
+                "inside_start_alpha": 0.1}
 
 #: Field noise below this fraction of its median in the support is raised to it, so that a
 #: few voxels with an implausibly small noise estimate do not carry the data term.
@@ -130,7 +134,7 @@ def _pair_mask(m: torch.Tensor) -> torch.Tensor:
 
 
 def _tfi_single(f, m, vs, b0, w, *, lam, pb, eps, outer_iterations, cg_iterations, cg_tol,
-                pad, background_iterations):
+                pad, background_iterations, inside_start_alpha):
     as_voxel_size_mm(vs)
     full = tuple(f.shape)
     box = nonempty_box(m)
@@ -183,6 +187,14 @@ def _tfi_single(f, m, vs, b0, w, *, lam, pb, eps, outer_iterations, cg_iteration
         y, _, _ = conjugate_gradient(apply_outside, q * dwf,
                                      max_iter=int(background_iterations), tol=cg_tol)
     del dwf
+    if inside_start_alpha > 0:
+        # the inside start (module docstring): the closed-form L2 inversion of what the
+        # background leaves of the field where it is used (w > 0), inside the support (P = 1)
+        rest = (fp - conv(p * y)).mul_(wp > 0)
+        filt = l2_filter(d, padded, vs, alpha=float(inside_start_alpha))
+        rest = torch.fft.irfftn(torch.fft.rfftn(rest).mul_(filt), s=padded)
+        y = torch.where(mp, rest, y)
+        del rest, filt
     for _ in range(int(outer_iterations)):
         gradient_into(p * y, grad, inv_h)
         grad.mul_(pairs)
@@ -199,7 +211,8 @@ def _tfi_single(f, m, vs, b0, w, *, lam, pb, eps, outer_iterations, cg_iteration
     return back(chi), back(conv(inside)), back(conv(chi - inside))
 
 
-def _check(lam, pb, eps, outer_iterations, cg_iterations, background_iterations=0) -> None:
+def _check(lam, pb, eps, outer_iterations, cg_iterations, background_iterations=0,
+           inside_start_alpha=0.0) -> None:
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     if not pb > 0:
@@ -208,6 +221,8 @@ def _check(lam, pb, eps, outer_iterations, cg_iterations, background_iterations=
         raise ValueError(f"eps must be > 0, got {eps}")
     if background_iterations < 0:
         raise ValueError(f"background_iterations must be >= 0, got {background_iterations}")
+    if not inside_start_alpha >= 0:
+        raise ValueError(f"inside_start_alpha must be >= 0, got {inside_start_alpha}")
     if outer_iterations < 1 or cg_iterations < 1:
         raise ValueError("outer_iterations and cg_iterations must be >= 1, got "
                          f"{outer_iterations} and {cg_iterations}")
@@ -223,7 +238,8 @@ def total_field_inversion(total_field_ppm: torch.Tensor, mask: torch.Tensor,
                           cg_iterations: int = TFI_DEFAULTS["cg_iterations"],
                           cg_tol: float = TFI_DEFAULTS["cg_tol"],
                           pad: int | Sequence[int] = TFI_DEFAULTS["pad"],
-                          background_iterations: int = TFI_DEFAULTS["background_iterations"]
+                          background_iterations: int = TFI_DEFAULTS["background_iterations"],
+                          inside_start_alpha: float = TFI_DEFAULTS["inside_start_alpha"]
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Preconditioned total-field inversion (module docstring; Liu et al. 2017).
 
@@ -253,6 +269,10 @@ def total_field_inversion(total_field_ppm: torch.Tensor, mask: torch.Tensor,
     background_iterations : int
         Conjugate-gradient iterations on the susceptibility outside the mask alone (the PDF
         problem, no TV) that give the joint solve its start; 0 starts from zero.
+    inside_start_alpha : float
+        Regularisation weight (Laplacian) of the closed-form L2 inversion that starts the
+        susceptibility in the mask, from the field the background start leaves; 0 starts it
+        from zero.
 
     Returns
     -------
@@ -265,7 +285,8 @@ def total_field_inversion(total_field_ppm: torch.Tensor, mask: torch.Tensor,
     background_field_ppm : (..., X, Y, Z) tensor
         Field (ppm) of the susceptibility outside the mask, in the mask (0 outside).
     """
-    _check(lam, pb, eps, outer_iterations, cg_iterations, background_iterations)
+    _check(lam, pb, eps, outer_iterations, cg_iterations, background_iterations,
+           inside_start_alpha)
     x = checked_field(total_field_ppm, mask, "total_field_ppm")
     mask = torch.as_tensor(mask).bool()
     lead = tuple(x.shape[:-3])
@@ -275,7 +296,8 @@ def total_field_inversion(total_field_ppm: torch.Tensor, mask: torch.Tensor,
     one = functools.partial(_tfi_single, lam=float(lam), pb=float(pb), eps=float(eps),
                             outer_iterations=int(outer_iterations),
                             cg_iterations=int(cg_iterations), cg_tol=float(cg_tol), pad=pad,
-                            background_iterations=int(background_iterations))
+                            background_iterations=int(background_iterations),
+                            inside_start_alpha=float(inside_start_alpha))
     with torch.no_grad():
         chi, local, background = map_samples(one, x, mask, vss, b0s, extra=w)
     mb = broadcast_mask(mask, chi)
@@ -305,11 +327,14 @@ class TFIBackground(Transform):
                  cg_iterations: int = TFI_DEFAULTS["cg_iterations"],
                  cg_tol: float = TFI_DEFAULTS["cg_tol"], pad: int = TFI_DEFAULTS["pad"],
                  background_iterations: int = TFI_DEFAULTS["background_iterations"],
+                 inside_start_alpha: float = TFI_DEFAULTS["inside_start_alpha"],
                  return_chi: bool = False) -> None:
-        _check(lam, pb, eps, outer_iterations, cg_iterations, background_iterations)
+        _check(lam, pb, eps, outer_iterations, cg_iterations, background_iterations,
+               inside_start_alpha)
         self.params = {"lam": lam, "pb": pb, "eps": eps, "outer_iterations": outer_iterations,
                        "cg_iterations": cg_iterations, "cg_tol": cg_tol, "pad": pad,
-                       "background_iterations": background_iterations}
+                       "background_iterations": background_iterations,
+                       "inside_start_alpha": inside_start_alpha}
         self.return_chi = bool(return_chi)
         if self.return_chi:
             self.output_keys = (*type(self).output_keys, "chi_ppm")
