@@ -624,8 +624,8 @@ def _synthetic_volume(shape, seed=0):
 
 def _tfi_budget_key(tfi_iterations=None) -> str:
     """``OUTERxCG, start N, band P[, inside L2 A]``: the budget (TFI's default when None) with
-    TFI's background start, band and inside start, which are not command-line options and whose defaults have changed
-    between runs."""
+    TFI's background start, band and inside start, which are not command-line options and
+    whose defaults have changed between runs."""
     from qsmnet.transforms.tfi import TFI_DEFAULTS
 
     if tfi_iterations is None:
@@ -654,9 +654,10 @@ def run_tfi_budget(tfi_iterations, scale=0.5, force=False) -> dict:
         res = {}
     res["model"] = shipped_model_id()
     budget = _tfi_budget_key(tfi_iterations)
+    budgets = res.setdefault("budgets", {})
     if force:  # this budget's rows only; the other budgets are kept
-        res.setdefault("budgets", {}).pop(budget, None)
-    rows = res.setdefault("budgets", {}).setdefault(budget, {})
+        budgets.pop(budget, None)
+    rows = budgets.setdefault(budget, {})
     res["machine"], res["scale"] = _machine(), scale
     unet = _inverter("unet", after_bfr=True)
     for phantom, seed in (("head", END_TO_END_SEEDS[0]), ("anatomical", ANATOMICAL_SEEDS[0])):

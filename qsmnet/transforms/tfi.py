@@ -151,9 +151,10 @@ def _tfi_single(f, m, vs, b0, w, *, lam, pb, eps, outer_iterations, cg_iteration
     inv_h = [1.0 / h for h in vs]
     pairs = _pair_mask(mp).to(dt)
 
-    def conv(x):
-        spectrum = torch.fft.rfftn(x)
-        return torch.fft.irfftn(spectrum.mul_(d), s=padded)
+    def filtered(x, kernel):
+        return torch.fft.irfftn(torch.fft.rfftn(x).mul_(kernel), s=padded)
+
+    conv = functools.partial(filtered, kernel=d)
 
     # lam and the 1/h^2 of each axis live in the TV weights, so the CG operator takes plain
     # differences and does not scale the three gradient components at every iteration
@@ -191,10 +192,9 @@ def _tfi_single(f, m, vs, b0, w, *, lam, pb, eps, outer_iterations, cg_iteration
         # the inside start (module docstring): the closed-form L2 inversion of what the
         # background leaves of the field where it is used (w > 0), inside the support (P = 1)
         rest = (fp - conv(p * y)).mul_(wp > 0)
-        filt = l2_filter(d, padded, vs, alpha=float(inside_start_alpha))
-        rest = torch.fft.irfftn(torch.fft.rfftn(rest).mul_(filt), s=padded)
+        rest = filtered(rest, l2_filter(d, padded, vs, alpha=float(inside_start_alpha)))
         y = torch.where(mp, rest, y)
-        del rest, filt
+        del rest
     for _ in range(int(outer_iterations)):
         gradient_into(p * y, grad, inv_h)
         grad.mul_(pairs)
